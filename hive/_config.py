@@ -50,6 +50,7 @@ class HiveConfig:
     max_attempts: int = 3  # default attempts per task before it is dead-lettered
     heartbeat_interval_s: float = 1.0  # how often each agent reports in
     heartbeat_timeout_s: float = 5.0  # silence after which an agent is declared failed
+    event_busy_timeout_s: float = 5.0  # wait this long for another process's lock on events.db
     durability: str = "normal"  # "normal": survives process kill (WAL, synchronous=NORMAL); "full": also power loss
     critical_threshold: float = 0.7  # reputation an agent needs to run tasks marked critical
     cross_check_threshold: float = 0.4  # results from agents below this are re-run on a second agent

@@ -79,7 +79,8 @@ class Coordinator:
 
     def __init__(self, config: HiveConfig) -> None:
         self.config = config
-        self.log = EventLog(config.events_path, durability=config.durability)
+        self.log = EventLog(config.events_path, durability=config.durability,
+                            busy_timeout_s=config.event_busy_timeout_s)
         self.state = ClusterState()
         self.book = ReputationBook(ReputationPolicy(
             half_life_s=config.reputation_half_life_s, critical_threshold=config.critical_threshold,
@@ -116,8 +117,8 @@ class Coordinator:
         elif isinstance(e, ev.TaskFailed) and e.agent_id:
             rec = self.state.tasks.get(e.task_id or "")
             self.book.record_outcome(e.agent_id, rec.type if rec else "?", False, 0.0, now=e.ts)
-        elif isinstance(e, ev.TaskCrossChecked) and not e.agreed and e.agent_id:
-            self.book.record_disagreement(e.agent_id, now=e.ts)
+        elif isinstance(e, ev.TaskCrossChecked) and e.outvoted:
+            self.book.record_disagreement(e.outvoted, now=e.ts)
 
     # ---- journal: apply + group commit ---------------------------------------------------
 
@@ -555,31 +556,51 @@ class Coordinator:
         await done
         self._resolve(rec.task_id)
 
-    async def _cross_check(self, rec: TaskRecord, first: TaskOutcome) -> TaskOutcome:
-        """Re-run a low-reputation agent's result on another agent; the better-reputed one wins."""
+    def _pick_checker(self, rec: TaskRecord, exclude: set[str]) -> str | None:
         demand = TaskDemand(task_type=rec.type, resources=rec.resources, critical=rec.critical)
         views = [v for a, v in self._views().items() if a in self.handles]
-        checker = choose_agent(demand, views, self.book, exclude={first.agent_id})
+        checker = choose_agent(demand, views, self.book, exclude=exclude)
         if checker is None:  # all busy: oversubscribe a capable agent rather than skip the check
             relaxed = [dataclasses.replace(v, outstanding=0) for v in views]
-            checker = choose_agent(demand, relaxed, self.book, exclude={first.agent_id})
-        if checker is None:
-            log.warning("task %s: no second agent to cross-check %s", rec.task_id, first.agent_id)
-            return first
-        call_id, ref = self._start_call([rec], checker, "cross_check")
+            checker = choose_agent(demand, relaxed, self.book, exclude=exclude)
+        return checker
+
+    async def _run_check(self, rec: TaskRecord, agent_id: str) -> TaskOutcome | None:
+        call_id, ref = self._start_call([rec], agent_id, "cross_check")
         try:
-            second: TaskOutcome = (await ref)[0]
-        except Exception as exc:  # noqa: BLE001 - checker lost: keep the first result
-            log.warning("cross-check of %s on %s failed: %s", rec.task_id, checker, exc)
-            return first
+            out: TaskOutcome = (await ref)[0]
+            return out if out.ok else None
+        except Exception as exc:  # noqa: BLE001 - a lost checker does not fail the task
+            log.warning("cross-check of %s on %s failed: %s", rec.task_id, agent_id, exc)
+            return None
         finally:
-            self.calls[checker].pop(call_id, None)
-        agreed = second.ok and _same_result(first.result, second.result)
-        self._emit(ev.TaskCrossChecked(task_id=rec.task_id, agent_id=first.agent_id, checker_id=checker, agreed=agreed))
-        if agreed or not second.ok:
+            self.calls[agent_id].pop(call_id, None)
+
+    async def _cross_check(self, rec: TaskRecord, first: TaskOutcome) -> TaskOutcome:
+        """Re-run a low-reputation agent's result on a second agent and compare.
+
+        Agreement delivers the result. On disagreement a third agent arbitrates when one exists
+        (majority wins; the outvoted agent is charged a disagreement); without one, the
+        better-reputed of the two wins and the other is charged.
+        """
+        checker = self._pick_checker(rec, {first.agent_id})
+        second = await self._run_check(rec, checker) if checker else None
+        if checker is None or second is None:
             return first
-        self.book.record_disagreement(first.agent_id)
-        return second
+        if _same_result(first.result, second.result):
+            self._emit(ev.TaskCrossChecked(task_id=rec.task_id, agent_id=first.agent_id, checker_id=checker, agreed=True))
+            return first
+        arbiter = self._pick_checker(rec, {first.agent_id, checker})
+        third = await self._run_check(rec, arbiter) if arbiter else None
+        winner, loser = first, checker
+        if third is not None and _same_result(third.result, second.result):
+            winner, loser = second, first.agent_id
+        elif third is None and self.book.score(checker) > self.book.score(first.agent_id):
+            winner, loser = second, first.agent_id
+        self.book.record_disagreement(loser)
+        self._emit(ev.TaskCrossChecked(task_id=rec.task_id, agent_id=first.agent_id, checker_id=checker,
+                                       agreed=False, arbiter_id=arbiter if third else None, outvoted=loser))
+        return winner
 
     def _retry_or_dead_letter(self, rec: TaskRecord, cause: str) -> None:
         if rec.attempt >= rec.max_attempts:

@@ -169,6 +169,8 @@ class TaskCrossChecked(_EventBase):
     type: Literal["task.cross_checked"] = "task.cross_checked"
     checker_id: str
     agreed: bool
+    arbiter_id: str | None = None  # third agent asked when the first two disagreed
+    outvoted: str | None = None  # agent charged with the disagreement (counts against its reputation)
 
 
 # ---- resources, checkpoints, coordinator -------------------------------------------------

@@ -13,6 +13,7 @@ import ray
 from hive._client import Client, _call
 from hive._config import COORDINATOR_NAME, NAMESPACE, HiveConfig, resolve_home
 from hive._coordinator import Coordinator
+from hive._eventlog import EventLog
 from hive._exceptions import ConfigError, NotInitializedError
 
 __all__ = ["client", "init", "is_initialized", "running_cluster", "shutdown"]
@@ -65,6 +66,9 @@ def init(address: str | None = None, home: str | os.PathLike[str] | None = None,
         raise ConfigError(f"unknown hive setting(s) {unknown}; known: {sorted(known - {'home'})}", setting=unknown[0])
     home_path = resolve_home(home)
     config = HiveConfig(home=home_path, **settings)
+    # Open the log here first so a corrupt or foreign events.db fails in the caller with a clear
+    # EventLogCorruptError instead of inside the Coordinator actor's constructor.
+    EventLog(config.events_path, durability=config.durability, busy_timeout_s=config.event_busy_timeout_s).close()
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS")
         if target is None:

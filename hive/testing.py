@@ -49,6 +49,10 @@ class EchoAgent(Agent):
         return {"pid": os.getpid(), "agent_id": self.agent_id,
                 "attempt": ctx.attempt if ctx else None, "key": ctx.idempotency_key if ctx else None}
 
+    @handler("crash")
+    def crash(self, payload: Any) -> None:
+        os._exit(1)  # the actor process dies mid-task, as on a segfault or OOM kill
+
     @handler("whoami")
     def whoami(self, payload: Any) -> dict[str, Any]:
         return {"pid": os.getpid(), "agent_id": self.agent_id}
