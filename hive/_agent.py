@@ -150,7 +150,7 @@ class Agent:
                 if coord is None:
                     coord = ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE)
                 coord.heartbeat.remote(self.agent_id, self._hive_state.value, self._hive_running)
-            except Exception:  # noqa: BLE001 - coordinator restarting; look it up again next beat
+            except Exception:
                 coord = None
 
     def _hive_run(self, envelope: TaskEnvelope) -> TaskOutcome:
@@ -174,10 +174,10 @@ class Agent:
             value = getattr(self, method)(payload)
             outcome = TaskOutcome(task_id=envelope.task_id, agent_id=self.agent_id, ok=True,
                                   result=cloudpickle.dumps(value), latency_s=time.perf_counter() - started)
-        except Exception as exc:  # noqa: BLE001 - the task's error goes back to its caller
+        except Exception as exc:
             try:
                 pickled: bytes | None = cloudpickle.dumps(exc)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pickled = None
             outcome = TaskOutcome(task_id=envelope.task_id, agent_id=self.agent_id, ok=False,
                                   error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),

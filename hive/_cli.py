@@ -35,6 +35,23 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _use_auth_mode(info: dict[str, Any]) -> None:
+    """Speak the authentication mode of the Ray head `hive up` started, in this process and its children.
+
+    Ray 2.60 turns token authentication on for a head whenever a token exists (``~/.ray/auth_token``,
+    ``$RAY_AUTH_TOKEN`` or ``$RAY_AUTH_TOKEN_PATH``), but a client that joins by an explicit address
+    (``ray.init(address=...)``, the Job Submission client) only sends the token when
+    ``RAY_AUTH_MODE=token``. Ray caches the mode when it is imported, so refresh its config too.
+    """
+    mode = info.get("auth_mode")
+    if not mode or os.environ.get("RAY_AUTH_MODE") == mode:
+        return
+    os.environ["RAY_AUTH_MODE"] = mode
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
 def _connect(home: Optional[Path]) -> Any:
     """Join the cluster `hive up` started for this home (never start a new one)."""
     import hive
@@ -45,7 +62,16 @@ def _connect(home: Optional[Path]) -> Any:
     if info is None and not os.environ.get("RAY_ADDRESS"):
         _fail(f"no hive cluster is running for home {home_path}: start one with `hive up` "
               "(or pass --home / set HIVE_HOME to the home you started it with)")
+    if info is not None:
+        _use_auth_mode(info)
     return hive.init(home=home_path)
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
@@ -81,38 +107,52 @@ def up(home: Optional[Path] = HomeOpt,
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
+    # Token authentication (Ray's default) unless the user opted out with RAY_AUTH_MODE=disabled;
+    # `ray start` refuses token mode without a token, so make sure one exists (~/.ray/auth_token).
+    auth_mode = os.environ.get("RAY_AUTH_MODE", "token").lower()
+    if auth_mode == "token":
+        subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.perf_counter()
     with console.status("starting the Ray head..."):
         log_fh = open(logs / "ray-head.log", "ab")
+        # No drain on SIGTERM: `hive down` stops the agents first, and the drain RPC would wait out
+        # its 30 s timeout because the GCS in the same process group gets the SIGTERM too.
         proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": auth_mode,
+                                     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
         address = f"127.0.0.1:{port}"
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         deadline = time.monotonic() + 120
+        import urllib.error
         import urllib.request
 
         while True:
             if proc.poll() is not None:
+                _killpg(proc.pid, signal.SIGTERM)
                 _fail(f"`ray start` exited with code {proc.returncode}; see {logs / 'ray-head.log'} "
                       f"(is port {port} or {dashboard_port} in use? pass --port / --dashboard-port)")
             try:
                 with urllib.request.urlopen(f"{dashboard}/api/version", timeout=2):
                     break
+            except urllib.error.HTTPError:
+                break  # the dashboard answers (401 without a token): it is up
             except OSError:
                 if time.monotonic() > deadline:
-                    proc.terminate()
+                    _killpg(proc.pid, signal.SIGTERM)
                     _fail(f"the Ray head did not come up in 120 s; see {logs / 'ray-head.log'}")
                 time.sleep(0.5)
     record = {"address": address, "dashboard_url": dashboard, "pid": proc.pid, "home": str(home_path),
-              "started": time.time()}
+              "auth_mode": auth_mode, "started": time.time()}
     (home_path / CLUSTER_FILE).write_text(json.dumps(record, indent=2))
     import hive
 
     try:
+        _use_auth_mode(record)
         client = hive.init(address=address, home=home_path)
         status = client.status()
     except Exception:
-        os.killpg(proc.pid, signal.SIGTERM)
+        _killpg(proc.pid, signal.SIGTERM)
         (home_path / CLUSTER_FILE).unlink(missing_ok=True)
         raise
     rows = [
@@ -138,11 +178,12 @@ def down(home: Optional[Path] = HomeOpt) -> None:
         console.print(f"nothing running for {home_path}")
         return
     try:
+        _use_auth_mode(info)
         hive.init(home=home_path)
         hive.shutdown(stop_cluster=True)
     except HiveError as exc:
         err.print(f"coordinator shutdown: {exc}")
-    os.killpg(int(info["pid"]), signal.SIGTERM)
+    _killpg(int(info["pid"]), signal.SIGTERM)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -151,7 +192,7 @@ def down(home: Optional[Path] = HomeOpt) -> None:
             break
         time.sleep(0.2)
     else:
-        os.killpg(int(info["pid"]), signal.SIGKILL)
+        _killpg(int(info["pid"]), signal.SIGKILL)
     (home_path / CLUSTER_FILE).unlink(missing_ok=True)
     console.print(f"hive is down (home {home_path} kept: events and checkpoints stay)")
 
@@ -239,6 +280,7 @@ def submit(ctx: typer.Context, home: Optional[Path] = HomeOpt,
         _fail(f"no hive cluster is running for home {home_path}: start one with `hive up`")
     if working_dir is not None and not working_dir.is_dir():
         _fail(f"--working-dir {working_dir} is not a directory")
+    _use_auth_mode(info)
     client = JobSubmissionClient(info["dashboard_url"])
     runtime_env: dict[str, Any] = {"env_vars": {"HIVE_HOME": str(home_path)}}
     if working_dir is not None:

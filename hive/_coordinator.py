@@ -59,7 +59,7 @@ def _same_result(a: bytes, b: bytes) -> bool:
         x, y = cloudpickle.loads(a), cloudpickle.loads(b)
         eq = x == y
         return bool(eq.all()) if hasattr(eq, "all") else bool(eq)
-    except Exception:  # noqa: BLE001 - incomparable values count as different
+    except Exception:
         return False
 
 
@@ -204,7 +204,7 @@ class Coordinator:
             self.handles[rec.agent_id] = handle
             self.node[rec.agent_id] = {"pid": info["pid"]}
             self.last_hb[rec.agent_id] = time.monotonic()
-        except Exception as exc:  # noqa: BLE001 - gone while we were down: treat as a death
+        except Exception as exc:
             await self._agent_lost(rec.agent_id, f"not reachable after coordinator restart ({type(exc).__name__})")
 
     # ---- agents ---------------------------------------------------------------------------
@@ -245,7 +245,7 @@ class Coordinator:
             info = await asyncio.wait_for(
                 handle._hive_start.remote(rec.agent_id, self.config.heartbeat_interval_s, rec.checkpoint_path),
                 timeout=_SPAWN_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._emit(ev.AgentFailed(agent_id=rec.agent_id, cause=f"spawn failed: {exc}", will_restart=False))
             self._emit(ev.ResourceReleased(agent_id=rec.agent_id, resources=rec.resources))
             raise AgentSpawnError(
@@ -270,7 +270,7 @@ class Coordinator:
         if handle is not None:
             try:
                 ray.kill(handle, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
+            except Exception:
                 pass
         self.last_hb.pop(agent_id, None)
         for tid in [t for call in self.calls.pop(agent_id, {}).values() for t in call]:
@@ -320,7 +320,7 @@ class Coordinator:
 
     async def checkpoint_agent(self, agent_id: str) -> dict[str, Any] | None:
         """Ask the agent for its checkpoint and record it; None if it has no state."""
-        rec, handle = await self._control(agent_id)
+        _, handle = await self._control(agent_id)
         path = self.config.checkpoints_dir / agent_id / f"{int(time.time() * 1000)}.pkl"
         info = await handle._hive_checkpoint.remote(str(path))
         if info is not None:
@@ -329,7 +329,7 @@ class Coordinator:
 
     async def suspend_agent(self, agent_id: str) -> str:
         """Stop giving the agent tasks (running ones finish); checkpoints it."""
-        rec, handle = await self._control(agent_id)
+        _, handle = await self._control(agent_id)
         state = await handle._hive_suspend.remote()
         await self._emit(ev.AgentSuspended(agent_id=agent_id))
         await self.checkpoint_agent(agent_id)
@@ -337,7 +337,7 @@ class Coordinator:
 
     async def resume_agent(self, agent_id: str) -> str:
         """Let a suspended agent take tasks again."""
-        rec, handle = await self._control(agent_id)
+        _, handle = await self._control(agent_id)
         state = await handle._hive_resume.remote()
         await self._emit(ev.AgentResumed(agent_id=agent_id))
         self._poke()
@@ -355,11 +355,11 @@ class Coordinator:
         try:
             await self.checkpoint_agent(agent_id)
             await asyncio.wait_for(handle._hive_terminate.remote(), timeout=10)
-        except Exception as exc:  # noqa: BLE001 - still terminate
+        except Exception as exc:
             log.warning("agent %s did not stop cleanly: %s", agent_id, exc)
         for tid in [t for call in self.calls.pop(agent_id, {}).values() for t in call]:
             task = self.state.tasks.get(tid)
-            if task is not None and not task.status.final and self.inflight.pop(tid, None):
+            if task is not None and not task.status.final and self.inflight.pop(tid, None) is not None:
                 self._retry_or_dead_letter(task, f"attempt {task.attempt} on agent {agent_id}: agent terminated")
         self.handles.pop(agent_id, None)
         self.last_hb.pop(agent_id, None)
@@ -457,7 +457,7 @@ class Coordinator:
             self._wake.clear()
             try:
                 self._dispatch_pass()
-            except Exception:  # noqa: BLE001 - never let the loop die
+            except Exception:
                 log.exception("dispatch pass failed")
 
     def _dispatch_pass(self) -> None:
@@ -529,7 +529,7 @@ class Coordinator:
         except RayActorError as exc:
             await self._agent_lost(agent_id, f"actor died ({type(exc).__name__})")
             return
-        except Exception as exc:  # noqa: BLE001 - e.g. the agent refused the envelope
+        except Exception as exc:
             outcomes = [TaskOutcome(task_id=r.task_id, agent_id=agent_id, ok=False,
                                     error=f"{type(exc).__name__}: {exc}", traceback=str(exc)) for r in recs]
         finally:
@@ -570,7 +570,7 @@ class Coordinator:
         try:
             out: TaskOutcome = (await ref)[0]
             return out if out.ok else None
-        except Exception as exc:  # noqa: BLE001 - a lost checker does not fail the task
+        except Exception as exc:
             log.warning("cross-check of %s on %s failed: %s", rec.task_id, agent_id, exc)
             return None
         finally:
@@ -593,9 +593,7 @@ class Coordinator:
         arbiter = self._pick_checker(rec, {first.agent_id, checker})
         third = await self._run_check(rec, arbiter) if arbiter else None
         winner, loser = first, checker
-        if third is not None and _same_result(third.result, second.result):
-            winner, loser = second, first.agent_id
-        elif third is None and self.book.score(checker) > self.book.score(first.agent_id):
+        if third is not None and _same_result(third.result, second.result) or third is None and self.book.score(checker) > self.book.score(first.agent_id):
             winner, loser = second, first.agent_id
         self.book.record_disagreement(loser)
         self._emit(ev.TaskCrossChecked(task_id=rec.task_id, agent_id=first.agent_id, checker_id=checker,
@@ -654,7 +652,7 @@ class Coordinator:
         if current is not None:
             try:
                 ray.cancel(current[2])
-            except Exception:  # noqa: BLE001 - best effort: its outcome is ignored anyway
+            except Exception:
                 pass
         await self._emit(ev.TaskCancelled(task_id=task_id))
         self._resolve(task_id)
@@ -702,7 +700,7 @@ class Coordinator:
             self._emit(ev.ResourceReleased(agent_id=aid, resources=self.state.agents[aid].resources))
             try:
                 ray.kill(handle, no_restart=True)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         self.handles.clear()
         self.last_hb.clear()

@@ -10,7 +10,8 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -120,7 +121,7 @@ def run_demo(home: str | Path | None = None, quick: bool = False, console: Conso
         step("kill -9 an agent mid-task", kill)
         step("the dead agent is respawned", restarted)
         step("read the EventLog", events)
-    except Exception as exc:  # noqa: BLE001 - report, then fail the command
+    except Exception as exc:
         ok = False
         console.print(f"[bold red]demo failed:[/] {type(exc).__name__}: {exc}")
     finally:

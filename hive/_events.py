@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from hive._exceptions import EventDecodeError
 
 __all__ = [
+    "EVENT_TYPES",
     "AgentFailed",
     "AgentHeartbeatMissed",
     "AgentReady",
@@ -28,7 +29,6 @@ __all__ = [
     "CheckpointCreated",
     "CoordinatorStarted",
     "Event",
-    "EVENT_TYPES",
     "ResourceAllocated",
     "ResourceReleased",
     "RollbackExecuted",

@@ -67,7 +67,7 @@ class TaskRecord:
 
     def public(self, with_result: bool = False) -> dict[str, Any]:
         """A plain dict for callers (result bytes only when asked)."""
-        out = {
+        out: dict[str, Any] = {
             "task_id": self.task_id, "type": self.type, "status": self.status.value,
             "attempt": self.attempt, "agent_id": self.agent_id, "idempotency_key": self.idempotency_key,
             "causes": list(self.causes), "error": self.error, "critical": self.critical,

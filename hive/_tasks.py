@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextvars
 import uuid
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from collections.abc import Callable
 
 import cloudpickle
 from pydantic import BaseModel, ConfigDict, Field
@@ -171,7 +172,7 @@ def pack_payload(payload: Any, task_type: str = "") -> bytes:
     """
     try:
         return cloudpickle.dumps(payload)
-    except Exception as exc:  # noqa: BLE001 - pickling raises many types
+    except Exception as exc:
         raise PayloadNotSerializableError(
             f"payload of task type {task_type!r} ({type(payload).__name__}) cannot be serialized: {exc}. "
             "Pass plain data (numbers, strings, lists, dicts, numpy arrays, tensors) or objects that pickle; "
@@ -237,7 +238,7 @@ def unpack_record(record: dict[str, Any]) -> Any:
         if record.get("exception"):
             try:
                 cause = cloudpickle.loads(record["exception"])
-            except Exception:  # noqa: BLE001 - the class may not import here
+            except Exception:
                 cause = None
         raise err from cause
     if status is TaskStatus.DEAD_LETTERED:

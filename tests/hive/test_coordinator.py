@@ -12,7 +12,8 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import ray
@@ -242,7 +243,7 @@ def test_coordinator_restart_rebuilds_registry_and_queue(make_client: Any) -> No
 def _try(fn: Any) -> Any:
     try:
         return fn()
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
