@@ -63,6 +63,9 @@ class Agent:
     max_concurrency: ClassVar[int] = 1
     respawn: ClassVar[RespawnPolicy] = RespawnPolicy()
     idempotency_cache_size: ClassVar[int] = 4096  # completed keys remembered for replays
+    # Ray concurrency groups (name -> threads) for methods marked @ray.method(concurrency_group=...);
+    # e.g. {"compute": 1} runs those methods one at a time, in call order, beside the control calls.
+    concurrency_groups: ClassVar[dict[str, int]] = {}
 
     _handlers: ClassVar[dict[str, str]] = {}
 

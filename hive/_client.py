@@ -47,7 +47,7 @@ class Client:
 
     # agents
     def spawn(self, cls: type, count: int = 1, *args: Any, resources: dict[str, float] | None = None,
-              **kwargs: Any) -> list[str]:
+              node_id: str | None = None, **kwargs: Any) -> list[str]:
         """Start ``count`` agents of an Agent subclass and wait until they are ready.
 
         Args:
@@ -55,6 +55,7 @@ class Client:
             count: how many.
             *args, **kwargs: passed to ``cls(...)`` in each actor.
             resources: override the class's declared resources.
+            node_id: prefer this Ray node (soft affinity: a restart may land elsewhere).
 
         Returns:
             The new agent ids.
@@ -66,7 +67,15 @@ class Client:
 
         if not (isinstance(cls, type) and issubclass(cls, Agent)):
             raise HiveError(f"spawn() needs a hive.Agent subclass, got {cls!r}", setting="cls")
-        return _call(self.coordinator.spawn, cls, args, kwargs, count, resources)
+        return _call(self.coordinator.spawn, cls, args, kwargs, count, resources, node_id)
+
+    def agent_handle(self, agent_id: str) -> Any:
+        """The Ray actor handle of an agent's live incarnation, or None while it is down/restarting.
+
+        For packages built on hive that call their agents' own methods directly (e.g. pipeline
+        stages passing activations to each other).
+        """
+        return _call(self.coordinator.agent_handle, agent_id)
 
     def agents(self) -> list[dict[str, Any]]:
         """The registry: one dict per agent (state, reputation, load, node, ...)."""

@@ -210,7 +210,8 @@ class Coordinator:
     # ---- agents ---------------------------------------------------------------------------
 
     async def spawn(self, cls: type, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
-                    count: int = 1, resources: dict[str, float] | None = None) -> list[str]:
+                    count: int = 1, resources: dict[str, float] | None = None,
+                    node_id: str | None = None) -> list[str]:
         """Create ``count`` agents of ``cls`` and wait until they are ready; returns their ids."""
         await self._ensure_started()
         if count < 1:
@@ -224,7 +225,7 @@ class Coordinator:
                 agent_id=aid, kind=cls.kind, actor_name=f"hive-agent-{aid}",  # type: ignore[attr-defined]
                 capabilities=sorted(cls.capabilities()), resources=res,  # type: ignore[attr-defined]
                 max_concurrency=cls.max_concurrency, spec=spec,  # type: ignore[attr-defined]
-                respawn_max=cls.respawn.max_restarts)  # type: ignore[attr-defined]
+                respawn_max=cls.respawn.max_restarts, node_id=node_id)  # type: ignore[attr-defined]
             self._emit(spawned)
             self._emit(ev.ResourceAllocated(agent_id=aid, resources=res))
             ids.append(aid)
@@ -237,10 +238,17 @@ class Coordinator:
 
     async def _start_incarnation(self, rec: AgentRecord) -> None:
         cls, args, kwargs = cloudpickle.loads(rec.spec)
+        opts = _actor_options(rec.resources)
+        if getattr(cls, "concurrency_groups", None):
+            opts["concurrency_groups"] = dict(cls.concurrency_groups)
+        if rec.node_id:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(rec.node_id, soft=True)
         try:
             handle = ray.remote(cls).options(
                 name=rec.incarnation_name, namespace=NAMESPACE, lifetime="detached",
-                max_concurrency=rec.max_concurrency + 2, max_restarts=0, **_actor_options(rec.resources),
+                max_concurrency=rec.max_concurrency + 2, max_restarts=0, **opts,
             ).remote(*args, **kwargs)
             info = await asyncio.wait_for(
                 handle._hive_start.remote(rec.agent_id, self.config.heartbeat_interval_s, rec.checkpoint_path),
@@ -367,6 +375,11 @@ class Coordinator:
         await self._emit(ev.ResourceReleased(agent_id=agent_id, resources=rec.resources))
         ray.kill(handle, no_restart=True)
         self._poke()
+
+    async def agent_handle(self, agent_id: str) -> Any:
+        """The actor handle of an agent's live incarnation (None while it is down)."""
+        await self._ensure_started()
+        return self.handles.get(agent_id)
 
     async def agents(self) -> list[dict[str, Any]]:
         """The registry, one dict per agent id."""

@@ -73,6 +73,7 @@ class AgentSpawned(_EventBase):
     max_concurrency: int = 1
     spec: bytes  # cloudpickled (agent class, init args, init kwargs)
     respawn_max: int = 3
+    node_id: str | None = None  # preferred Ray node (soft affinity: a restart may land elsewhere)
 
 
 class AgentReady(_EventBase):
@@ -200,6 +201,17 @@ class RollbackExecuted(_EventBase):
     reason: str
 
 
+class ExtensionEvent(_EventBase):
+    """An event of a package built on hive (inference, evolution, p2p bridge).
+
+    ``topic`` names it (dotted, e.g. ``inference.kv_rebuilt``); ``data`` holds JSON-able details.
+    """
+
+    type: Literal["ext.event"] = "ext.event"
+    topic: str
+    data: dict[str, Any] = {}
+
+
 class CoordinatorStarted(_EventBase):
     type: Literal["coordinator.started"] = "coordinator.started"
     replayed_events: int
@@ -213,7 +225,7 @@ Event = Annotated[
         AgentRestarted, AgentHeartbeatMissed, TaskSubmitted, TaskStarted, TaskCompleted,
         TaskFailed, TaskRetried, TaskDeadLettered, TaskCancelled, TaskCrossChecked,
         ResourceAllocated, ResourceReleased, CheckpointCreated, RollbackExecuted,
-        CoordinatorStarted,
+        ExtensionEvent, CoordinatorStarted,
     ],
     Field(discriminator="type"),
 ]

@@ -35,6 +35,7 @@ class AgentRecord:
     restarts: int = 0  # how many times it was restarted
     checkpoint_path: str | None = None  # last checkpoint written
     spawned_ts: float = 0.0  # when the agent id was first spawned
+    node_id: str | None = None  # preferred Ray node, if any
 
     @property
     def incarnation_name(self) -> str:
@@ -100,7 +101,7 @@ class ClusterState:
         self.agents[e.agent_id or ""] = AgentRecord(
             agent_id=e.agent_id or "", kind=e.kind, actor_name=e.actor_name, capabilities=frozenset(e.capabilities),
             resources=dict(e.resources), max_concurrency=e.max_concurrency, spec=e.spec, respawn_max=e.respawn_max,
-            spawned_ts=e.ts)
+            spawned_ts=e.ts, node_id=e.node_id)
 
     def _set_agent(self, e: Any, state: AgentState) -> None:
         rec = self.agents.get(e.agent_id or "")
