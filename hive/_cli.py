@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from hive._config import resolve_home
+from hive._runtime import use_auth_mode
 from hive._exceptions import HiveError
 
 __all__ = ["app", "main"]
@@ -30,26 +32,9 @@ err = Console(stderr=True)
 HomeOpt = typer.Option(None, "--home", help="hive home (default: $HIVE_HOME or ./.hive)")
 
 
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line: no hard wraps inside `commands`
     raise typer.Exit(code)
-
-
-def _use_auth_mode(info: dict[str, Any]) -> None:
-    """Speak the authentication mode of the Ray head `hive up` started, in this process and its children.
-
-    Ray 2.60 turns token authentication on for a head whenever a token exists (``~/.ray/auth_token``,
-    ``$RAY_AUTH_TOKEN`` or ``$RAY_AUTH_TOKEN_PATH``), but a client that joins by an explicit address
-    (``ray.init(address=...)``, the Job Submission client) only sends the token when
-    ``RAY_AUTH_MODE=token``. Ray caches the mode when it is imported, so refresh its config too.
-    """
-    mode = info.get("auth_mode")
-    if not mode or os.environ.get("RAY_AUTH_MODE") == mode:
-        return
-    os.environ["RAY_AUTH_MODE"] = mode
-    from ray._raylet import Config
-
-    Config.initialize("")
 
 
 def _connect(home: Optional[Path]) -> Any:
@@ -63,7 +48,7 @@ def _connect(home: Optional[Path]) -> Any:
         _fail(f"no hive cluster is running for home {home_path}: start one with `hive up` "
               "(or pass --home / set HIVE_HOME to the home you started it with)")
     if info is not None:
-        _use_auth_mode(info)
+        use_auth_mode(info)
     return hive.init(home=home_path)
 
 
@@ -102,7 +87,10 @@ def up(home: Optional[Path] = HomeOpt,
     logs.mkdir(exist_ok=True)
     cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-           "--disable-usage-stats"]
+           "--disable-usage-stats",
+           # any free port: the default 52365 is taken by any other Ray on this machine, and without
+           # its dashboard agent the head accepts no jobs ("No available agent to submit job")
+           "--dashboard-agent-listen-port=0"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
@@ -118,9 +106,13 @@ def up(home: Optional[Path] = HomeOpt,
         log_fh = open(logs / "ray-head.log", "ab")
         # No drain on SIGTERM: `hive down` stops the agents first, and the drain RPC would wait out
         # its 30 s timeout because the GCS in the same process group gets the SIGTERM too.
+        # Jobs' entrypoints (`hive submit -- python job.py`) resolve `python` on the head's PATH: put
+        # the interpreter hive runs in first, so jobs can import ray and hive even from a venv that
+        # is not activated.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": auth_mode,
-                                     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+                                env={**os.environ, "PATH": path, "RAY_USAGE_STATS_ENABLED": "0",
+                                     "RAY_AUTH_MODE": auth_mode, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
         address = f"127.0.0.1:{port}"
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         deadline = time.monotonic() + 120
@@ -148,17 +140,19 @@ def up(home: Optional[Path] = HomeOpt,
     import hive
 
     try:
-        _use_auth_mode(record)
+        use_auth_mode(record)
         client = hive.init(address=address, home=home_path)
         status = client.status()
     except Exception:
         _killpg(proc.pid, signal.SIGTERM)
         (home_path / CLUSTER_FILE).unlink(missing_ok=True)
         raise
+    agents = status["agents"]  # agents by state
+    n_agents = sum(agents.values()) if isinstance(agents, dict) else agents
     rows = [
         {"what": "Ray head", "where": address, "detail": f"pid {proc.pid}, log {logs / 'ray-head.log'}"},
         {"what": "Dashboard / Jobs API", "where": dashboard, "detail": "hive submit -- <cmd>"},
-        {"what": "Coordinator", "where": "actor hive/hive-coordinator", "detail": f"{status['agents']} agents"},
+        {"what": "Coordinator", "where": "actor hive/hive-coordinator", "detail": f"{n_agents} agents"},
         {"what": "EventLog", "where": status["events_path"], "detail": f"{status['last_seq']} events"},
         {"what": "Home", "where": str(home_path), "detail": ""},
     ]
@@ -178,11 +172,14 @@ def down(home: Optional[Path] = HomeOpt) -> None:
         console.print(f"nothing running for {home_path}")
         return
     try:
-        _use_auth_mode(info)
+        use_auth_mode(info)
         hive.init(home=home_path)
         hive.shutdown(stop_cluster=True)
     except HiveError as exc:
         err.print(f"coordinator shutdown: {exc}")
+    import ray
+
+    ray.shutdown()  # disconnect before the head goes, or its dying processes' logs stream here
     _killpg(int(info["pid"]), signal.SIGTERM)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -271,7 +268,7 @@ def submit(ctx: typer.Context, home: Optional[Path] = HomeOpt,
 
     from hive._runtime import running_cluster
 
-    entry = " ".join(ctx.args)
+    entry = shlex.join(ctx.args)  # the job runs it in a shell: keep each argument one word (as `ray job submit`)
     if not entry:
         _fail("no entrypoint: use `hive submit -- python my_job.py`")
     home_path = resolve_home(home)
@@ -280,7 +277,7 @@ def submit(ctx: typer.Context, home: Optional[Path] = HomeOpt,
         _fail(f"no hive cluster is running for home {home_path}: start one with `hive up`")
     if working_dir is not None and not working_dir.is_dir():
         _fail(f"--working-dir {working_dir} is not a directory")
-    _use_auth_mode(info)
+    use_auth_mode(info)
     client = JobSubmissionClient(info["dashboard_url"])
     runtime_env: dict[str, Any] = {"env_vars": {"HIVE_HOME": str(home_path)}}
     if working_dir is not None:

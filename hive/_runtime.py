@@ -16,7 +16,7 @@ from hive._coordinator import Coordinator
 from hive._eventlog import EventLog
 from hive._exceptions import ConfigError, NotInitializedError
 
-__all__ = ["client", "init", "is_initialized", "running_cluster", "shutdown"]
+__all__ = ["client", "init", "is_initialized", "running_cluster", "shutdown", "use_auth_mode"]
 
 _CLIENT: Client | None = None
 _OWNS_RAY = False
@@ -34,6 +34,23 @@ def running_cluster(home: Path) -> dict[str, Any] | None:
     except (OSError, KeyError, ValueError):
         return None
     return info
+
+
+def use_auth_mode(info: dict[str, Any]) -> None:
+    """Speak the authentication mode of the Ray head `hive up` started, in this process and its children.
+
+    Ray 2.60 turns token authentication on for a head whenever a token exists (``~/.ray/auth_token``,
+    ``$RAY_AUTH_TOKEN`` or ``$RAY_AUTH_TOKEN_PATH``), but a client that joins by an explicit address
+    (``ray.init(address=...)``, the Job Submission client) only sends the token when
+    ``RAY_AUTH_MODE=token``. Ray caches the mode when it is imported, so refresh its config too.
+    """
+    mode = info.get("auth_mode")
+    if not mode or os.environ.get("RAY_AUTH_MODE") == mode:
+        return
+    os.environ["RAY_AUTH_MODE"] = mode
+    from ray._raylet import Config  # type: ignore[attr-defined]  # (no stub)
+
+    Config.initialize("")
 
 
 def init(address: str | None = None, home: str | os.PathLike[str] | None = None, *,
@@ -73,6 +90,8 @@ def init(address: str | None = None, home: str | os.PathLike[str] | None = None,
         target = address or os.environ.get("RAY_ADDRESS")
         if target is None:
             up = running_cluster(home_path)
+            if up:
+                use_auth_mode(up)
             target = up["address"] if up else None
         if target:
             ray.init(address=target, namespace=NAMESPACE, log_to_driver=True)
