@@ -308,6 +308,24 @@ def demo(home: Optional[Path] = HomeOpt,
     run_demo(home=home, quick=quick, console=console)
 
 
+def _load_plugins() -> None:
+    """Mount sub-commands other packages declare under the ``hive.cli`` entry-point group.
+
+    This keeps the dependency direction: ``inference`` adds ``hive infer`` without hive
+    importing it.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="hive.cli"):
+        try:
+            app.add_typer(ep.load(), name=ep.name)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
+            err.print(f"warning: hive sub-command {ep.name!r} failed to load: {exc}")
+
+
+_load_plugins()
+
+
 def main() -> None:
     """Entry point of the ``hive`` console script."""
     try:
