@@ -239,14 +239,14 @@ class Coordinator:
     async def _start_incarnation(self, rec: AgentRecord) -> None:
         cls, args, kwargs = cloudpickle.loads(rec.spec)
         opts = _actor_options(rec.resources)
-        if getattr(cls, "concurrency_groups", None):
-            opts["concurrency_groups"] = dict(cls.concurrency_groups)
+        groups = getattr(cls, "concurrency_groups", None)
+        actor_cls = ray.remote(concurrency_groups=dict(groups))(cls) if groups else ray.remote(cls)
         if rec.node_id:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(rec.node_id, soft=True)
         try:
-            handle = ray.remote(cls).options(
+            handle = actor_cls.options(
                 name=rec.incarnation_name, namespace=NAMESPACE, lifetime="detached",
                 max_concurrency=rec.max_concurrency + 2, max_restarts=0, **opts,
             ).remote(*args, **kwargs)

@@ -199,7 +199,12 @@ def plan(
     if devices is None:
         from inference._inventory import inventory
 
+        wanted = num_stages or (len(layer_ranges) if layer_ranges is not None else None)
         devices = inventory()
+        if wanted and len(devices) < wanted and all(d.kind == "cpu" for d in devices):
+            # CPU-only cluster: split each node's RAM budget into enough slots for the stages asked for
+            nodes = len({d.node_id for d in devices})
+            devices = inventory(cpu_slots=-(-wanted // nodes))
     devices = list(devices)
     if layer_ranges is None:
         placement = partition(costs, devices, num_stages, order=order)
