@@ -170,14 +170,16 @@ def run_generation(transport: Transport, prompts: Sequence[Sequence[int]], *, ma
                     raise
                 lost_at = time.perf_counter()
                 transport.recover()
-                pending = list(active.values())
                 active.clear()
-                for g in pending:  # every stage drops the slot, then the whole history is replayed
+                for g in (g for g in groups if not all(g.done)):  # drop everywhere, replay the whole history
                     transport.drop(g.slot)
                     _submit(transport, g, replay=True)
                     stats.steps += 1
                     active[id(g.pending)] = g
                 stats.recoveries.append(time.perf_counter() - lost_at)
+        unfinished = [r for g in groups for r, d in zip(g.rows, g.done) if not d]
+        if unfinished:
+            raise InferenceError(f"generation ended with requests {unfinished} unfinished", requests=unfinished)
     finally:
         stats.wall_s = time.perf_counter() - t0
         stats.ttft_s = [first_token[r] for r in sorted(first_token)]

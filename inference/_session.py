@@ -168,7 +168,7 @@ class InferenceSession:
         """Generate for one prompt or many, pipelined over the stages.
 
         Args:
-            prompts: text(s) or token-id list(s).
+            prompts: a text or a token-id list, or a list of either.
             max_new_tokens: per request.
             temperature, top_k, top_p, seed: sampling (temperature 0 = greedy; a seed makes it reproducible).
             stop: stop token ids (default: the tokenizer's eos).
@@ -179,7 +179,7 @@ class InferenceSession:
         Returns:
             list[Completion] (or an iterator of TokenChunk when ``stream``).
         """
-        single = isinstance(prompts, str)
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
         items: list[Any] = [prompts] if single else list(prompts)
         ids = self._encode(items, chat)
         tok = self.tokenizer if any(isinstance(p, str) for p in items) or stop is None else None
