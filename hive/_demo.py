@@ -29,6 +29,16 @@ def _wait_running(client: Any, handle: Any, timeout_s: float = 30.0) -> dict[str
     raise TimeoutError(f"task {handle.task_id} did not start within {timeout_s}s")
 
 
+def _extra_steps(state: dict[str, Any], quick: bool) -> list[tuple[str, Callable[[], str]]]:
+    """Steps other packages add under the ``hive.demo`` entry-point group (hive imports none of them)."""
+    from importlib.metadata import entry_points
+
+    steps: list[tuple[str, Callable[[], str]]] = []
+    for ep in sorted(entry_points(group="hive.demo"), key=lambda e: e.name):
+        steps.extend(ep.load()(state, quick))
+    return steps
+
+
 def run_demo(home: str | Path | None = None, quick: bool = False, console: Console | None = None) -> dict[str, Any]:
     """Run the demo and print what happened. Returns the step timings and checks.
 
@@ -120,6 +130,8 @@ def run_demo(home: str | Path | None = None, quick: bool = False, console: Conso
         step("a task that raises", failing)
         step("kill -9 an agent mid-task", kill)
         step("the dead agent is respawned", restarted)
+        for ep_steps in _extra_steps(state, quick):
+            step(*ep_steps)
         step("read the EventLog", events)
     except Exception as exc:
         ok = False
