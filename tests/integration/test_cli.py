@@ -237,9 +237,12 @@ def test_demo_quick_runs_every_step(tmp_path: Path) -> None:
         "run tasks",
         "kill -9 an agent mid-task",
         "the dead agent is respawned",
+        "deploy SmolLM2 over 2 pipeline stages",
+        "ask the sharded model",
         "read the EventLog",
     ):
         assert step in out, f"step {step!r} missing\n{explain(demo)}"
+    assert "Paris" in one_line(out), explain(demo)  # the sharded SmolLM2 answered
     assert (home / "events.db").exists()  # it used the --home it was given
     assert not (home / "cluster.json").exists()  # and no `hive up` cluster
     print(f"hive demo --quick: {time.perf_counter() - t0:.1f}s")
@@ -422,3 +425,29 @@ def test_events_follow_prints_new_events(cluster: Cluster, job_dir: Path, tmp_pa
         except subprocess.TimeoutExpired:
             follower.kill()
             follower.wait()
+
+
+def test_infer_plan_deploy_generate_status_undeploy(cluster: Cluster, tiny_llama: Path) -> None:
+    plan = hive_cli("infer", "plan", str(tiny_llama), "--stages", "2", "--max-seq-len", "64", env=cluster.env)
+    assert plan.returncode == 0, explain(plan)
+    assert "0-1" in plan.stdout and "2-3" in plan.stdout, explain(plan)  # both layer ranges shown
+    dep = hive_cli("infer", "deploy", str(tiny_llama), "--name", "cli-llama", "--stages", "2",
+                   "--max-seq-len", "64", env=cluster.env, timeout=300)
+    assert dep.returncode == 0, explain(dep)
+    assert "deployed" in dep.stdout, explain(dep)
+    try:
+        gen = hive_cli("infer", "generate", "cli-llama", "hello", "--max-new-tokens", "6", env=cluster.env)
+        assert gen.returncode == 0, explain(gen)
+        assert "6 tokens" in gen.stderr, explain(gen)
+        st = hive_cli("infer", "status", "cli-llama", "--json", env=cluster.env)
+        assert st.returncode == 0, explain(st)
+        info = json.loads(st.stdout)
+        assert [h["ok"] for h in info["health"]] == [True, True]
+        assert [(s["layer_start"], s["layer_end"]) for s in info["stages"]] == [(0, 2), (2, 4)]
+        listing = hive_cli("infer", "status", env=cluster.env)
+        assert "cli-llama" in listing.stdout, explain(listing)
+    finally:
+        down = hive_cli("infer", "undeploy", "cli-llama", env=cluster.env)
+    assert down.returncode == 0, explain(down)
+    missing = hive_cli("infer", "generate", "cli-llama", "hi", env=cluster.env)
+    assert missing.returncode != 0 and "no deployment named" in one_line(missing.stdout + missing.stderr)
