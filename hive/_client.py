@@ -77,6 +77,10 @@ class Client:
         """
         return _call(self.coordinator.agent_handle, agent_id)
 
+    def report_lost(self, agent_id: str, cause: str) -> bool:
+        """Tell the Coordinator an agent's actor died (it checks, then restarts it at once)."""
+        return _call(self.coordinator.report_lost, agent_id, cause)
+
     def agents(self) -> list[dict[str, Any]]:
         """The registry: one dict per agent (state, reputation, load, node, ...)."""
         return _call(self.coordinator.agents)

@@ -240,7 +240,7 @@ class Coordinator:
         cls, args, kwargs = cloudpickle.loads(rec.spec)
         opts = _actor_options(rec.resources)
         groups = getattr(cls, "concurrency_groups", None)
-        actor_cls = ray.remote(concurrency_groups=dict(groups))(cls) if groups else ray.remote(cls)
+        actor_cls = ray.remote(concurrency_groups=dict(groups))(cls) if groups else ray.remote(cls)  # type: ignore[call-overload]
         if rec.node_id:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -299,6 +299,23 @@ class Coordinator:
             await self._start_incarnation(rec)
         except AgentSpawnError as exc:
             log.error("%s", exc)
+
+    async def report_lost(self, agent_id: str, cause: str) -> bool:
+        """Someone calling an agent's actor directly saw it die: handle it now, not at heartbeat timeout.
+
+        Returns True if the agent was live and is now being failed over.
+        """
+        await self._ensure_started()
+        rec = self.state.agents.get(agent_id)
+        handle = self.handles.get(agent_id)
+        if rec is None or handle is None or rec.state.terminal:
+            return False
+        try:
+            await asyncio.wait_for(handle._hive_info.remote(), timeout=2.0)
+            return False  # it answers: not dead
+        except Exception:  # noqa: BLE001 - dead or hung: fail it over
+            await self._agent_lost(agent_id, f"reported lost: {cause}")
+            return True
 
     async def heartbeat(self, agent_id: str, state: str, running: int) -> None:
         """Called by each agent's heartbeat thread."""

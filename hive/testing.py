@@ -13,7 +13,7 @@ from typing import Any
 from hive._agent import Agent, RespawnPolicy
 from hive._tasks import current_task, handler
 
-__all__ = ["EchoAgent", "FlakyAgent", "LiarAgent", "SlowAgent"]
+__all__ = ["EchoAgent", "FlakyAgent", "LiarAgent", "ResilientAgent", "SlowAgent"]
 
 
 class EchoAgent(Agent):
@@ -69,6 +69,13 @@ class SlowAgent(EchoAgent):
 
     kind = "slow"
     max_concurrency = 1
+
+
+class ResilientAgent(SlowAgent):
+    """A SlowAgent kind restarted as often as it dies (for kill-trial tests and benchmarks)."""
+
+    kind = "resilient"
+    respawn = RespawnPolicy(max_restarts=1_000_000)
 
 
 class FlakyAgent(EchoAgent):

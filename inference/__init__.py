@@ -15,7 +15,7 @@ from inference._gguf import convert_gguf, smollm2_checkpoint
 from inference._inventory import inventory, measure_throughput
 from inference._local import LocalPipeline
 from inference._partition import Placement, partition
-from inference._pipeline import GenerationStats, TokenEvent, run_generation
+from inference._pipeline import GenerationStats, TokenEvent, run_generation, run_generation_steps
 from inference._plan import DeviceInfo, ShardingPlan, StagePlan
 from inference._planner import plan
 from inference._rebalance import replan_with_throughput
@@ -44,8 +44,8 @@ __all__ = [
     "LayerCosts",
     "LocalPipeline",
     "LocalTransport",
-    "PlanError",
     "Placement",
+    "PlanError",
     "RayTransport",
     "SamplingParams",
     "ShardingCoordinator",
@@ -73,6 +73,7 @@ __all__ = [
     "position_ids_from_mask",
     "replan_with_throughput",
     "run_generation",
+    "run_generation_steps",
     "sample_next",
     "smollm2_checkpoint",
 ]

@@ -24,7 +24,7 @@ from inference._sampling import SamplingParams, sample_next
 from inference._stage import position_ids_from_mask
 from inference._transport import StageLostError, StepInput, Transport
 
-__all__ = ["GenerationStats", "TokenEvent", "run_generation"]
+__all__ = ["GenerationStats", "TokenEvent", "run_generation", "run_generation_steps"]
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,17 @@ def _submit(transport: Transport, g: _Group, replay: bool = False) -> None:
     g.fed = g.history.shape[1]
 
 
-def run_generation(transport: Transport, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                   sampling: SamplingParams | None = None, microbatches: int = 1,
-                   stop_ids: Sequence[int] = (), pad_id: int = 0, tag: str = "gen",
-                   stats: GenerationStats | None = None, max_recoveries: int = 3) -> Iterator[TokenEvent]:
+def run_generation(transport: Transport, prompts: Sequence[Sequence[int]], **kwargs: Any) -> Iterator[TokenEvent]:
+    """Like ``run_generation_steps`` but one TokenEvent at a time (same arguments)."""
+    for step in run_generation_steps(transport, prompts, **kwargs):
+        yield from step
+
+
+def run_generation_steps(transport: Transport, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                         sampling: SamplingParams | None = None, microbatches: int = 1,
+                         stop_ids: Sequence[int] = (), pad_id: int = 0, tag: str = "gen",
+                         stats: GenerationStats | None = None,
+                         max_recoveries: int = 3) -> Iterator[list[TokenEvent]]:
     """Generate for every prompt through ``transport``, yielding tokens as they are sampled.
 
     Args:
@@ -115,7 +122,9 @@ def run_generation(transport: Transport, prompts: Sequence[Sequence[int]], *, ma
         max_recoveries: stage losses survived before giving up.
 
     Yields:
-        TokenEvent per generated token, in the order they are produced.
+        The TokenEvents of one micro-batch step (one per still-running row), as steps finish.
+        The group's next step is already submitted when its tokens are yielded, so a slow
+        consumer does not stall the pipeline.
 
     Raises:
         InferenceError: bad arguments; StageError when stages do not come back.
@@ -143,6 +152,7 @@ def run_generation(transport: Transport, prompts: Sequence[Sequence[int]], *, ma
                     g = active.pop(id(handle))
                     logits = transport.fetch(handle)[:, -1, :]  # [B, V]
                     nxt = sample_next(logits, sampling, g.generators)  # [B]
+                    events = []
                     for i, r in enumerate(g.rows):
                         if g.done[i]:
                             continue
@@ -152,18 +162,19 @@ def run_generation(transport: Transport, prompts: Sequence[Sequence[int]], *, ma
                         reason = "stop" if tok in stops else ("length" if len(g.generated[i]) >= max_new_tokens else None)
                         g.done[i] = reason is not None
                         stats.tokens += 1
-                        yield TokenEvent(request=r, token_id=tok, index=len(g.generated[i]) - 1,
-                                         finished=g.done[i], finish_reason=reason)
+                        events.append(TokenEvent(request=r, token_id=tok, index=len(g.generated[i]) - 1,
+                                                 finished=g.done[i], finish_reason=reason))
                     if all(g.done):
                         transport.drop(g.slot)
-                        continue
-                    col = torch.tensor([[pad_id if d else gen[-1]] for d, gen in zip(g.done, g.generated)])
-                    live = torch.tensor([[0 if d else 1] for d in g.done], dtype=torch.long)
-                    g.history = torch.cat([g.history, col], dim=1)  # [B, L+1]
-                    g.mask = torch.cat([g.mask, live], dim=1)
-                    _submit(transport, g)
-                    stats.steps += 1
-                    active[id(g.pending)] = g
+                    else:
+                        col = torch.tensor([[pad_id if d else gen[-1]] for d, gen in zip(g.done, g.generated)])
+                        live = torch.tensor([[0 if d else 1] for d in g.done], dtype=torch.long)
+                        g.history = torch.cat([g.history, col], dim=1)  # [B, L+1]
+                        g.mask = torch.cat([g.mask, live], dim=1)
+                        _submit(transport, g)  # next step in flight before the caller sees these tokens
+                        stats.steps += 1
+                        active[id(g.pending)] = g
+                    yield events
             except StageLostError:
                 recoveries += 1
                 if recoveries > max_recoveries:

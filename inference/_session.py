@@ -202,9 +202,10 @@ class InferenceSession:
 
     def _chunks(self, gen: Any, tok: Any) -> Iterator[TokenChunk]:
         for ref in gen:
-            request, token_id, _index, finished, reason = ray.get(ref)
-            text = tok.decode([token_id], skip_special_tokens=True) if tok is not None else ""
-            yield TokenChunk(request=request, token_id=token_id, text=text, finished=finished, finish_reason=reason)
+            for request, token_id, _index, finished, reason in ray.get(ref):
+                text = tok.decode([token_id], skip_special_tokens=True) if tok is not None else ""
+                yield TokenChunk(request=request, token_id=token_id, text=text, finished=finished,
+                                 finish_reason=reason)
 
     def status(self) -> dict[str, Any]:
         """Health and per-stage measurements (busy time, calls, parameter bytes, RSS)."""

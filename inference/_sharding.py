@@ -17,7 +17,7 @@ import ray
 import hive
 from hive._config import COORDINATOR_NAME, NAMESPACE
 from inference._exceptions import StageError
-from inference._pipeline import GenerationStats, run_generation
+from inference._pipeline import GenerationStats, run_generation_steps
 from inference._sampling import SamplingParams
 from inference._transport import RayTransport
 
@@ -54,27 +54,40 @@ class ShardingCoordinator(hive.Agent):
     @ray.method(num_returns="streaming")  # type: ignore[misc]
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: dict[str, Any],
                  microbatches: int, stop_ids: list[int], pad_id: int) -> Any:
-        """Stream (request, token_id, index, finished, finish_reason) tuples for each prompt."""
+        """Stream, per pipeline step, a list of (request, token_id, index, finished, finish_reason)."""
         handles = self._handles()
         if any(h is None for h in handles):
             raise StageError(f"deployment {self.name}: a stage is down; retry shortly or see `hive agents`",
                              stage=[i for i, h in enumerate(handles) if h is None])
-        transport = RayTransport(self._handles)
+        transport = RayTransport(self._handles, on_lost=self._report_dead_stages)
         stats = GenerationStats()
         with self._lock:
             tag = f"{self.agent_id}-{next(self._tags)}"
-        before = len(stats.recoveries)
-        for ev in run_generation(transport, prompts, max_new_tokens=max_new_tokens,
-                                 sampling=SamplingParams(**sampling), microbatches=microbatches,
-                                 stop_ids=stop_ids, pad_id=pad_id, tag=tag, stats=stats):
+        before = 0
+        for step in run_generation_steps(transport, prompts, max_new_tokens=max_new_tokens,
+                                         sampling=SamplingParams(**sampling), microbatches=microbatches,
+                                         stop_ids=stop_ids, pad_id=pad_id, tag=tag, stats=stats):
             if len(stats.recoveries) > before:
                 before = len(stats.recoveries)
                 self.recoveries.append(stats.recoveries[-1])
                 self._event("inference.kv_rebuilt", recovery_s=round(stats.recoveries[-1], 4),
                             groups=microbatches, note="stage restarted; histories replayed into every stage")
-            yield (ev.request, ev.token_id, ev.index, ev.finished, ev.finish_reason)
+            # one streamed item per step (not per token): fewer Ray round trips
+            yield [(ev.request, ev.token_id, ev.index, ev.finished, ev.finish_reason) for ev in step]
         self.last_stats = {"wall_s": stats.wall_s, "tokens": stats.tokens, "steps": stats.steps,
                            "ttft_s": stats.ttft_s, "recoveries": stats.recoveries}
+
+    def _report_dead_stages(self) -> None:
+        """Tell hive at once which stages stopped answering, so it restarts them now."""
+        coord = self._hive()
+        for aid, handle in zip(self.stage_ids, self._handles()):
+            if handle is None:
+                continue
+            try:
+                ray.get(handle.ping.remote(), timeout=2.0)
+            except Exception as exc:  # noqa: BLE001 - dead or hung
+                self._event("inference.stage_lost", stage_agent=aid, error=type(exc).__name__)
+                ray.get(coord.report_lost.remote(aid, f"pipeline step lost ({type(exc).__name__})"))
 
     def health(self) -> list[dict[str, Any]]:
         """Ping every stage; ``ok`` False for a stage that is down or not answering."""

@@ -7,8 +7,9 @@ scheduler drives them all and GPU timing never depends on Ray:
 * ``LocalTransport``   — every stage in this process, run one after another (reference path).
 * ``ThreadedTransport`` — every stage in this process, one worker thread per stage, so several
   micro-batches are in flight at once (in-process pipelining).
-* ``RayTransport``     — each stage a StageActor; a step is a chain of actor calls whose
-  activations pass from stage to stage through Ray's object store, never through the caller.
+* ``RayTransport``     — each stage a StageActor; a step is a chain of actor calls, each
+  taking the previous call's ObjectRef (small activations are inlined by Ray through the
+  submitting process, large ones go through the object store).
 """
 
 from __future__ import annotations
@@ -188,10 +189,12 @@ class RayTransport(Transport):
     Args:
         resolve: returns the current actor handle of each stage, in order (after a stage is
             restarted its handle changes; ``recover`` calls it again).
+        on_lost: called when a step was lost, before waiting for the stages to come back.
     """
 
-    def __init__(self, resolve: Any, recover_timeout_s: float = 120.0) -> None:
+    def __init__(self, resolve: Any, recover_timeout_s: float = 120.0, on_lost: Any = None) -> None:
         self._resolve = resolve
+        self._on_lost = on_lost  # called first in recover(): e.g. report the dead stage to hive
         self.handles: list[Any] = resolve()
         self.num_stages = len(self.handles)
         self.recover_timeout_s = recover_timeout_s
@@ -226,6 +229,8 @@ class RayTransport(Transport):
         """Wait until every stage has a live handle again (hive restarts dead stage agents)."""
         import ray
 
+        if self._on_lost is not None:
+            self._on_lost()
         deadline = time.monotonic() + self.recover_timeout_s
         while True:
             handles = self._resolve()

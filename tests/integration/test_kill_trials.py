@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import hive
-from hive.testing import SlowAgent
+from hive.testing import ResilientAgent
 from tests.factories import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -22,7 +22,7 @@ TRIALS = int(os.environ.get("HIVE_KILL_TRIALS", "100"))
 def test_sigkill_trials_lose_nothing(ray_local: Any, hive_home: Path) -> None:
     client = hive.init(home=hive_home, heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0)
     try:
-        client.spawn(SlowAgent, count=2)
+        client.spawn(ResilientAgent, count=2)  # restarted however often it is killed
         recoveries, lost = [], []
         for trial in range(TRIALS):
             handle = client.submit("sleep", 0.2)
