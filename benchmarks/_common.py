@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_OUT", "Stopwatch", "base_parser", "fmt", "fs_type", "goal", "host_info", "median", "percentile",
-    "print_goals", "print_results", "print_table", "summarize", "utc_stamp", "write_json",
+    "print_goals", "print_results", "print_table", "proc_memory", "summarize", "utc_stamp", "write_json",
 ]
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -112,6 +112,22 @@ def fs_type(path: str | os.PathLike[str]) -> str | None:
     except OSError:
         return None
     return kind
+
+
+def proc_memory(pid: int | None = None) -> dict[str, int | None]:
+    """Resident memory of a local process from /proc/<pid>/status: ``rss_bytes`` (VmRSS) and
+    ``peak_rss_bytes`` (VmHWM, the high-water mark since it started); None where unreadable."""
+    out: dict[str, int | None] = {"rss_bytes": None, "peak_rss_bytes": None}
+    keys = {"VmRSS:": "rss_bytes", "VmHWM:": "peak_rss_bytes"}
+    try:
+        with open(f"/proc/{pid or os.getpid()}/status") as fh:
+            for line in fh:
+                parts = line.split()
+                if parts and parts[0] in keys and len(parts) >= 2:
+                    out[keys[parts[0]]] = int(parts[1]) * 1024  # reported in kB
+    except (OSError, ValueError):
+        pass
+    return out
 
 
 # ---- statistics --------------------------------------------------------------------------
