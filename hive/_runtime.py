@@ -138,6 +138,15 @@ def shutdown(stop_cluster: bool | None = None) -> None:
     """
     global _CLIENT, _OWNS_RAY
     if _CLIENT is None:
+        if stop_cluster and ray.is_initialized():  # an earlier shutdown() only let go of the client
+            try:
+                coord = ray.get_actor(COORDINATOR_NAME, namespace=NAMESPACE)
+            except ValueError:
+                return
+            try:
+                ray.get(coord.shutdown.remote(), timeout=60)
+            finally:
+                ray.kill(coord, no_restart=True)
         return
     stop = _OWNS_RAY if stop_cluster is None else stop_cluster
     if stop or _OWNS_RAY:

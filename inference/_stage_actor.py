@@ -10,6 +10,7 @@ import ray
 import torch
 
 import hive
+from inference._wire import from_wire, to_wire
 
 __all__ = ["StageActor"]
 
@@ -50,14 +51,18 @@ class StageActor(hive.Agent):
         self.load_s = time.perf_counter() - t0
 
     @ray.method(concurrency_group="compute")
-    def forward(self, slot: str, x: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor:
-        """Run this stage's layers for one step of one micro-batch (hidden states or logits out)."""
+    def forward(self, slot: str, x: Any, attention_mask: Any, position_ids: Any) -> Any:
+        """Run this stage's layers for one step of one micro-batch (hidden states or logits out).
+
+        Tensors arrive and leave as numpy arrays (``inference._wire``): far cheaper to pickle.
+        """
         t0 = time.perf_counter()
-        out = self.compute.forward(slot, x, attention_mask, position_ids, last_only=self.compute.is_last)
+        out = self.compute.forward(slot, from_wire(x), from_wire(attention_mask), from_wire(position_ids),
+                                   last_only=self.compute.is_last)
+        wire = to_wire(out)
         self.busy_s += time.perf_counter() - t0
         self.calls += 1
-        return out
+        return wire
 
     @ray.method(concurrency_group="compute")
     def drop_slot(self, slot: str) -> None:

@@ -201,9 +201,12 @@ class RayTransport(Transport):
         self._stage_of: dict[Any, int] = {}
 
     def submit(self, step: StepInput) -> Any:
-        x: Any = step.input_ids
+        from inference._wire import to_wire
+
+        x: Any = to_wire(step.input_ids)
+        mask, pos = to_wire(step.attention_mask), to_wire(step.position_ids)
         for handle in self.handles:
-            x = handle.forward.remote(step.slot, x, step.attention_mask, step.position_ids)
+            x = handle.forward.remote(step.slot, x, mask, pos)
         return x
 
     def wait(self, handles: list[Any], timeout: float | None = None) -> list[Any]:
@@ -216,8 +219,10 @@ class RayTransport(Transport):
         import ray
         from ray.exceptions import RayActorError
 
+        from inference._wire import from_wire
+
         try:
-            return ray.get(handle)
+            return from_wire(ray.get(handle))
         except RayActorError as exc:
             raise StageLostError(f"a pipeline stage died: {type(exc).__name__}", stage=None) from exc
 
