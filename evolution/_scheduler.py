@@ -1,0 +1,495 @@
+"""``EvolutionScheduler``: runs evolution rounds from a notebook, one SQLite store per run.
+
+Placement. The scheduler is a driver-side object (in the notebook or CLI process), not an
+Agent: it submits every evaluation as a hive task to the :class:`Evaluator` agents — which
+the hive Coordinator keeps alive, restarts and fails over — and persists every step to the
+run's lineage store (``<home>/evolution/<name>.db``) before acting on it. The driver can
+therefore die at any moment (kernel restart, SIGKILL) and ``EvolutionScheduler.attach(name)``
++ ``resume()`` — from any process joined to the same hive — continues exactly; the tasks it
+had in flight keep running on the evaluators and are re-attached by idempotency key. A
+scheduler Agent would have to hold a hive task open for a whole round and would still need
+the same store to resume, with no progress bars in the notebook.
+
+Steady state. Up to ``window`` candidates are untold at once (config ``max_in_flight``,
+default the number of evaluators): whenever one finishes, the next candidate goes to
+whichever evaluator is free (hive dispatch + wait-any over the task handles).
+
+Determinism and resume. With ``tell_order="ask"`` (default) results are told to the strategy
+strictly in ask order, one at a time, and after each tell the window is refilled; candidate
+``k`` is thus asked right after candidate ``k - window`` is told, whatever order evaluations
+finish in. Evaluations are deterministic for a given recipe (fixed inputs, same device type),
+so a run with the same config and seed always produces the same lineage: same ids, genomes,
+parents, scores, champions. The price: an evaluator that finishes early idles while the head
+of the window is still running. ``tell_order="arrival"`` tells results as they come (no idle
+evaluators; lineage depends on timing), and resume is then exact w.r.t. the persisted order:
+every ask and tell is stored together with the strategy state it produced (``tell_seq``).
+On resume: the strategy is rebuilt from the stored state, stored-but-untold results are told
+first, pending candidates are re-submitted under their idempotency keys.
+
+The regression gate and its noise estimate are described in :mod:`evolution._gate`; the
+baseline (champion 0) is the config's ``baseline`` recipe or the search's starting recipe,
+evaluated ``baseline_repeats`` times. A promoted candidate is materialised with the streaming
+``merge()`` to ``<home>/evolution/<name>/champions/<n>/`` and its sha256 recorded.
+``recheck()`` re-evaluates the champion and the previous good champion (e.g. on new tasks);
+if the champion now fails the gate against it, it is rolled back: the previous champion's
+checkpoint is verified by sha256 (re-merged from its recipe if damaged), made active again,
+and ``hive.events.RollbackExecuted`` is recorded.
+
+Events (``ext.event`` topics): ``evolution.candidate_evaluated``, ``evolution.champion_promoted``,
+``evolution.recheck``, ``evolution.round_finished``; plus ``rollback.executed``.
+
+Example:
+    >>> sched = EvolutionScheduler.launch(cfg, "demo")                  # doctest: +SKIP
+    >>> result = sched.run_round()                                      # doctest: +SKIP
+    >>> result.to_pandas(); sched.champion().path                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
+
+import hive
+from evolution._champions import ChampionBook, run_dir
+from evolution._config import EvolutionConfig
+from evolution._dispatch import Dispatcher
+from evolution._evaluator import (
+    EvaluationRequest,
+    EvaluationResult,
+    Evaluator,
+    default_evaluators,
+    default_resources,
+)
+from evolution._exceptions import EvolutionError, RunConfigError, RunNotFoundError
+from evolution._gate import mean_and_noise
+from evolution._recipe import MergeRecipe
+from evolution._result import RoundResult
+from evolution._store import ChampionRecord, RunStore
+from evolution.strategies import Strategy, get_strategy, strategy_from_state
+from evolution.tasks import FitnessTask, task_from_spec
+
+__all__ = ["EvolutionScheduler", "RecheckReport", "run_dir", "store_path"]
+
+
+def store_path(home: Path, name: str) -> Path:
+    """``<home>/evolution/<name>.db``."""
+    return home / "evolution" / f"{name}.db"
+
+
+class RecheckReport(BaseModel):
+    """What ``recheck()`` found."""
+
+    model_config = ConfigDict(frozen=True)
+
+    champion: int  # champion number rechecked
+    previous: int | None  # the earlier good champion compared against (None: none exists)
+    champion_scores: dict[str, float]  # its scores now
+    previous_scores: dict[str, float]  # the previous champion's (mean) scores now
+    passed: bool  # the champion still passes the gate against the previous one
+    reasons: tuple[str, ...]  # why not
+    rolled_back: bool  # whether the previous champion was restored
+
+
+def _fingerprint(cfg: EvolutionConfig) -> str:
+    """Config JSON with callable tasks reduced to their function names (pickles vary)."""
+    data = cfg.model_dump(mode="json")
+    for task, obj in zip(data["tasks"], cfg.tasks):
+        if "fn" in task:
+            task["fn"] = getattr(getattr(obj, "fn", None), "__qualname__", "fn")
+    return json.dumps(data, sort_keys=True)
+
+
+class EvolutionScheduler:
+    """Drives one evolution run; build it with :meth:`launch` or :meth:`attach`."""
+
+    def __init__(self, name: str, cfg: EvolutionConfig, store: RunStore, client: hive.Client) -> None:
+        self.name = name  # run name
+        self.cfg = cfg  # the run's config (as stored)
+        self.store = store  # its lineage store
+        self.client = client  # hive client
+        self.home = Path(client.config.home)  # hive home
+        meta = store.meta()
+        self.run_id = meta["run_id"]  # unique id: idempotency keys, events
+        self.window = int(meta["window"])  # untold candidates at most (fixed at creation)
+        self.layout = cfg.layout()  # genome <-> recipe
+        self.gate = cfg.gate()  # regression gate
+        self.dispatcher = Dispatcher(client, self.run_id, cfg.max_attempts)
+        self.champions = ChampionBook(name, self.home, store, self.gate, client, self._event)
+
+    # ------------------------------------------------------------------ creation
+
+    @staticmethod
+    def _client(home: str | Path | None, client: hive.Client | None) -> hive.Client:
+        if client is not None:
+            return client
+        if hive.is_initialized():
+            return hive.client()
+        return hive.init(home=home)
+
+    @classmethod
+    def launch(cls, cfg: EvolutionConfig, name: str, *, home: str | Path | None = None,
+               client: hive.Client | None = None) -> EvolutionScheduler:  # fmt: skip
+        """Create run ``name`` (or attach to it when it exists with the same config).
+
+        Args:
+            cfg: the run's config.
+            name: run name (file-name safe); the store is ``<home>/evolution/<name>.db``.
+            home: hive home when hive is not initialized yet (default ``$HIVE_HOME``/``.hive``).
+            client: a hive client; default ``hive.client()`` (``hive.init(home)`` if needed).
+
+        Returns:
+            The scheduler; call :meth:`run_round`.
+
+        Raises:
+            RunConfigError: a run of that name exists with another config.
+            UnknownNameError, pydantic.ValidationError: invalid config.
+
+        Example:
+            >>> sched = EvolutionScheduler.launch(EvolutionConfig.load("run.yaml"), "demo")  # doctest: +SKIP
+        """
+        if not name or "/" in name or name.startswith("."):
+            raise EvolutionError(f"run name {name!r} must be a plain file name", name=name)
+        c = cls._client(home, client)
+        path = store_path(Path(c.config.home), name)
+        store = RunStore.open(path)
+        meta = store.meta()
+        if "config" in meta:
+            if _fingerprint(EvolutionConfig.from_json(meta["config"])) != _fingerprint(cfg):
+                store.close()
+                raise RunConfigError(
+                    f"run {name!r} already exists in {path} with another config; attach to it "
+                    "with EvolutionScheduler.attach(name), or launch under a new name",
+                    name=name,
+                )
+            return cls(name, EvolutionConfig.from_json(meta["config"]), store, c)
+        evaluators = cfg.evaluators or default_evaluators()
+        store.set_meta(run_id=uuid.uuid4().hex[:12], name=name, config=cfg.to_json(),
+                       window=str(cfg.max_in_flight or evaluators), created=str(time.time()))  # fmt: skip
+        return cls(name, cfg, store, c)
+
+    @classmethod
+    def attach(cls, name: str, *, home: str | Path | None = None,
+               client: hive.Client | None = None) -> EvolutionScheduler:  # fmt: skip
+        """Open an existing run (its config comes from the store).
+
+        Raises:
+            RunNotFoundError: no run ``name`` in the home.
+
+        Example:
+            >>> EvolutionScheduler.attach("demo").resume()                # doctest: +SKIP
+        """
+        c = cls._client(home, client)
+        path = store_path(Path(c.config.home), name)
+        if not path.exists():
+            known = sorted(p.stem for p in path.parent.glob("*.db")) if path.parent.exists() else []
+            raise RunNotFoundError(
+                f"no evolution run {name!r} in {path.parent}; known runs: {', '.join(known) or 'none'} "
+                "(start one with EvolutionScheduler.launch / `hive evolve start`)",
+                name=name, home=str(c.config.home),
+            )  # fmt: skip
+        store = RunStore.open(path)
+        return cls(name, EvolutionConfig.from_json(store.meta()["config"]), store, c)
+
+    # ------------------------------------------------------------------ evaluators
+
+    def ensure_evaluators(self) -> int:
+        """Spawn Evaluator agents until ``cfg.evaluators`` (default: per GPU, else 2) are live."""
+        want = self.cfg.evaluators or default_evaluators()
+        live = [a for a in self.client.agents()
+                if a["kind"] == Evaluator.kind and a["state"] not in ("terminated", "failed")]  # fmt: skip
+        if len(live) < want:
+            resources = self.cfg.evaluator_resources or default_resources()
+            self.client.spawn(Evaluator, want - len(live), resources=resources)
+        return max(want, len(live))
+
+    def _request(self, cid: str, recipe: MergeRecipe, tasks: Sequence[FitnessTask] | None = None) -> EvaluationRequest:
+        return EvaluationRequest(candidate_id=cid, recipe=recipe, tasks=tuple(tasks or self.cfg.tasks))
+
+    def _submit(self, cid: str, recipe: MergeRecipe, tasks: Sequence[FitnessTask] | None = None) -> None:
+        task_id = self.dispatcher.submit(self._request(cid, recipe, tasks))
+        self.store.set_task(cid, task_id)
+
+    def _record(self, result: EvaluationResult) -> None:
+        combined = self.gate.combined(result.scores) if result.status == "ok" else None
+        timings = {"merge_seconds": result.merge_seconds, "task_seconds": result.task_seconds,
+                   "load_seconds": result.load_seconds}  # fmt: skip
+        self.store.record_result(result.candidate_id, result.status, result.scores, combined,
+                                 result.error, result.traceback, result.agent_id or None,
+                                 result.attempt, timings)  # fmt: skip
+        self._event("evolution.candidate_evaluated", candidate=result.candidate_id,
+                    status=result.status, scores=result.scores, combined=combined,
+                    agent_id=result.agent_id, attempt=result.attempt, error=result.error)  # fmt: skip
+
+    def _event(self, topic: str, **data: Any) -> None:
+        self.client.record_event(hive.events.ExtensionEvent(
+            topic=topic, data={"run": self.name, "run_id": self.run_id, **data}))  # fmt: skip
+
+    def _evaluate_all(self, rows: Sequence[tuple[str, str, MergeRecipe]],
+                      tasks: Sequence[FitnessTask] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Evaluate ``(id, kind, recipe)`` rows not yet done (in parallel); returns id -> record."""
+        for cid, kind, recipe in rows:
+            if self.store.candidate(cid) is None:
+                self.store.add_candidate(cid, kind, recipe.to_dict())
+            if self.store.candidate(cid).status == "pending":  # type: ignore[union-attr]
+                self._submit(cid, recipe, tasks)
+        while len(self.dispatcher):
+            self._record(self.dispatcher.wait_any())
+        return {cid: self.store.candidate(cid) for cid, _, _ in rows}
+
+    # ------------------------------------------------------------------ champions
+
+    def _baseline_recipe(self) -> MergeRecipe:
+        return self.cfg.baseline or self.layout.to_recipe(self.layout.from_recipe(None))
+
+    def _ensure_baseline(self) -> None:
+        """Evaluate the baseline ``baseline_repeats`` times and make it champion 0 (once)."""
+        self.champions.finish_pending()  # killed while writing one
+        if self.champions.all():
+            return
+        recipe = self._baseline_recipe()
+        rows = [(f"baseline-{i}", "baseline", recipe) for i in range(self.cfg.baseline_repeats)]
+        done = self._evaluate_all(rows)
+        ok = [r for r in done.values() if r.status == "ok"]
+        if not ok:
+            first = next(iter(done.values()))
+            raise EvolutionError(
+                f"run {self.name!r}: every baseline evaluation failed, so there is nothing to "
+                f"protect; first error: {first.error}\n{first.traceback or ''}", name=self.name)  # fmt: skip
+        mean, noise = mean_and_noise([r.scores for r in ok])
+        champ = self.champions.new("baseline", recipe.to_dict(), mean, noise)
+        self.store.add_champion(champ)
+        self.champions.materialise(champ)
+
+    # ------------------------------------------------------------------ the search
+
+    def _strategy(self) -> Strategy[Any]:
+        state = self.store.strategy_state()
+        if state is not None:
+            return strategy_from_state(state)
+        space = self.layout.space(self.layout.from_recipe(self.cfg.baseline))
+        return get_strategy(self.cfg.strategy, space, **self.cfg.strategy_kwargs())
+
+    def run_round(self, generations: int | None = None, *, progress: bool = True) -> RoundResult:
+        """Run the search until the strategy is done (or ``generations`` more generations).
+
+        Evaluates the baseline first (once per run), then hands candidates to free evaluators,
+        telling results in the configured order, promoting those that pass the gate. Resumes
+        whatever an interrupted call left in flight.
+
+        Args:
+            generations: generations to run now; None: up to the config's ``generations``. Going
+                past them extends the run.
+            progress: show a tqdm bar per generation.
+
+        Returns:
+            The :class:`RoundResult` of the whole run so far.
+
+        Raises:
+            EvolutionError: every baseline evaluation failed (the error says why).
+        """
+        self.ensure_evaluators()
+        self._ensure_baseline()
+        strategy = self._strategy()
+        target = strategy.settings.max_generations
+        if generations is not None:
+            target = strategy.generation + generations
+            strategy.settings.max_generations = max(target, strategy.settings.max_generations)
+        rows = {c.id: c for c in self.store.candidates("search") if c.tell_seq is None}
+        untold = list(rows)  # ask order
+        if sorted(untold) != sorted(c.id for c in strategy.pending):
+            raise EvolutionError(f"run {self.name!r}: store and strategy state disagree on the "
+                                 "pending candidates; the store is damaged", name=self.name)  # fmt: skip
+        ready = {cid for cid, c in rows.items() if c.status != "pending"}
+        for cid in untold:
+            if cid not in ready and cid not in self.dispatcher:
+                self._submit(cid, MergeRecipe.model_validate(rows[cid].recipe))
+        bar = _GenerationBars(progress, self.cfg.population, strategy.generation)
+
+        def fill() -> None:
+            while len(untold) < self.window and strategy.can_ask and strategy.generation < target:
+                c = strategy.ask()
+                recipe = self.layout.to_recipe(c.genome)
+                self.store.add_candidate(c.id, "search", recipe.to_dict(), generation=c.generation,
+                                         genome=c.genome, parents=c.parents,
+                                         strategy_state=strategy.state_dict())  # fmt: skip
+                untold.append(c.id)
+                self._submit(c.id, recipe)
+
+        def tell(cid: str) -> None:
+            self._tell(strategy, cid)
+            untold.remove(cid)
+            ready.discard(cid)
+            bar.told(strategy.generation)
+            fill()
+
+        fill()
+        try:
+            while untold:
+                if self.cfg.tell_order == "ask":
+                    while untold and untold[0] in ready:
+                        tell(untold[0])
+                else:
+                    for cid in [c for c in untold if c in ready]:
+                        tell(cid)
+                if not untold:
+                    break
+                result = self.dispatcher.wait_any()
+                self._record(result)
+                ready.add(result.candidate_id)
+        finally:
+            bar.close()
+        out = self.result()
+        self._event("evolution.round_finished", generation=strategy.generation,
+                    evaluations=strategy.evaluations,
+                    champion=out.champion.n if out.champion else None)  # fmt: skip
+        return out
+
+    def resume(self, *, progress: bool = True) -> RoundResult:
+        """Continue an interrupted run to its configured end (see the module docstring).
+
+        Example:
+            >>> EvolutionScheduler.attach("demo").resume()                # doctest: +SKIP
+        """
+        return self.run_round(progress=progress)
+
+    def _tell(self, strategy: Strategy[Any], cid: str) -> None:
+        rec = self.store.candidate(cid)
+        assert rec is not None
+        champion = None
+        if rec.status == "ok":
+            champs = self.champions.all()
+            base = champs[0]
+            current = self.champion()
+            decision = self.gate.check(rec.scores, base.scores, base.noise, current.combined)
+            fitness: float | None = self.gate.penalised(decision, self.cfg.gate_penalty)
+            strategy.tell(cid, fitness)
+            if decision.passed:
+                champion = self.champions.new(cid, rec.recipe, rec.scores, base.noise)
+            self.store.record_tell(cid, fitness, decision.passed, decision.reasons,
+                                   strategy.state_dict(), champion)  # fmt: skip
+        else:
+            strategy.tell(cid, None)
+            self.store.record_tell(cid, None, None, (), strategy.state_dict())
+        if champion is not None:
+            self.champions.materialise(champion)
+
+    # ------------------------------------------------------------------ recheck and rollback
+
+    def recheck(self, tasks: Sequence[FitnessTask | dict[str, Any]] | None = None) -> RecheckReport:
+        """Re-evaluate the champion (e.g. on new tasks) and roll back if it now regresses.
+
+        The champion is evaluated once and the previous good champion ``baseline_repeats``
+        times (its mean and noise play the baseline); if the champion fails the per-domain
+        floors (see :mod:`evolution._gate`), :meth:`rollback` restores the previous one.
+
+        Args:
+            tasks: fitness tasks to use (objects or dicts); None: the run's tasks.
+
+        Returns:
+            A :class:`RecheckReport`.
+        """
+        self.ensure_evaluators()
+        use = tuple(task_from_spec(t) for t in tasks) if tasks else tuple(self.cfg.tasks)
+        active = self.champion()
+        previous = self.champions.previous_good(active)
+        if previous is None:
+            return RecheckReport(champion=active.n, previous=None, champion_scores=active.scores,
+                                 previous_scores={}, passed=True,
+                                 reasons=("no earlier champion to compare with",), rolled_back=False)  # fmt: skip
+        k = len({c.id.split("-")[1] for c in self.store.candidates("recheck")})
+        rows = [(f"recheck-{k}-champion", "recheck", MergeRecipe.model_validate(active.recipe))]
+        rows += [(f"recheck-{k}-previous-{i}", "recheck", MergeRecipe.model_validate(previous.recipe))
+                 for i in range(self.cfg.baseline_repeats)]  # fmt: skip
+        done = self._evaluate_all(rows, use)
+        prev_ok = [r.scores for cid, r in done.items() if "previous" in cid and r.status == "ok"]
+        if not prev_ok:
+            raise EvolutionError(f"recheck of run {self.name!r}: the previous champion fails the "
+                                 "new tasks too; nothing to compare", name=self.name)  # fmt: skip
+        mean, noise = mean_and_noise(prev_ok)
+        champ_row = done[rows[0][0]]
+        scores = champ_row.scores if champ_row.status == "ok" else {}
+        decision = self.gate.check(scores, mean, noise, None)
+        self._event("evolution.recheck", champion=active.n, previous=previous.n, scores=scores,
+                    previous_scores=mean, passed=decision.passed)  # fmt: skip
+        if not decision.passed:
+            self.rollback(f"recheck: champion {active.n} regresses against champion "
+                          f"{previous.n}: " + "; ".join(decision.reasons))  # fmt: skip
+        return RecheckReport(champion=active.n, previous=previous.n, champion_scores=scores,
+                             previous_scores=mean, passed=decision.passed,
+                             reasons=decision.reasons, rolled_back=not decision.passed)  # fmt: skip
+
+    def champion(self) -> ChampionRecord:
+        """The active champion: ``path`` of its checkpoint and its ``sha256``.
+
+        Raises:
+            EvolutionError: the run has not evaluated its baseline yet (run a round first).
+        """
+        return self.champions.current()
+
+    def rollback(self, reason: str = "manual rollback") -> ChampionRecord:
+        """Restore the previous good champion: verify its sha256, make it active, log it.
+
+        A checkpoint whose files changed is re-merged from its recipe (merges are
+        deterministic) and must then match the recorded sha256.
+
+        Returns:
+            The restored champion.
+
+        Raises:
+            RollbackError: there is no active champion or no earlier good one.
+            ChecksumError: the re-merged checkpoint still does not match its record.
+        """
+        return self.champions.rollback(reason)
+
+    # ------------------------------------------------------------------ reading
+
+    def result(self) -> RoundResult:
+        """The run's lineage so far, from the store."""
+        return RoundResult(name=self.name, candidates=tuple(self.store.candidates()),
+                           champions=tuple(self.champions.all()),
+                           rollbacks=tuple(self.store.rollbacks()),
+                           gene_names=self.layout.names)  # fmt: skip
+
+    def status(self) -> dict[str, Any]:
+        """Counts by status, strategy progress and the champion, for tables."""
+        rows = self.store.candidates("search")
+        state = self.store.strategy_state() or {}
+        active = [c for c in self.champions.all() if c.status == "active"]
+        return {
+            "name": self.name, "run_id": self.run_id, "strategy": self.cfg.strategy,
+            "generation": state.get("generation", 0), "generations": self.cfg.generations,
+            "candidates": len(rows),
+            "by_status": {s: sum(r.status == s for r in rows) for s in ("pending", "ok", "failed", "rejected")},
+            "champion": None if not active else active[-1].model_dump(include={"n", "candidate_id", "path", "sha256", "combined"}),
+            "rollbacks": len(self.store.rollbacks()),
+        }  # fmt: skip
+
+
+class _GenerationBars:
+    """One tqdm bar per strategy generation (candidates told of it)."""
+
+    def __init__(self, enabled: bool, per_generation: int, generation: int) -> None:
+        self.enabled, self.total, self.generation = enabled, per_generation, generation
+        self.bar: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        self.bar = tqdm(total=self.total, desc=f"generation {self.generation}", unit="cand",
+                        disable=not self.enabled, leave=True)  # fmt: skip
+
+    def told(self, generation: int) -> None:
+        self.bar.update()
+        if generation != self.generation:
+            self.bar.close()
+            self.generation = generation
+            self._open()
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,465 @@
+"""Streaming safetensors I/O: read one tensor at a time, write files header-first.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`` and the raw
+little-endian tensor bytes, ``data_offsets`` counting from the end of the header. Both sides here
+work on that layout directly, so memory stays at one tensor (or a piece of one):
+
+* ``SafetensorsReader`` indexes a checkpoint directory (``model.safetensors``, or the shards
+  of ``model.safetensors.index.json``, or every ``*.safetensors``); ``read(name)`` ``pread``s
+  exactly one tensor into a fresh (or a given) buffer, and ``read_into`` reads a tensor or a
+  run of its elements into a float32 buffer, casting through a small staging buffer.
+  (``safetensors.safe_open`` memory-maps the file
+  instead: every page touched stays in the process RSS until the file is closed, so streaming
+  through three 500 MB models would show 1.5 GB resident, reclaimable but alarming to memory
+  monitors such as Ray's.)
+* ``ShardedWriter`` knows every output tensor's dtype and shape up front (from the inputs'
+  headers), so it writes each file's header first and then the tensors (whole, or piece by
+  piece) as they are produced, hashing the bytes (sha256) on the way; nothing is buffered. Outputs larger than ``max_shard_bytes`` are split into
+  ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``, as
+  ``transformers`` writes them.
+
+Example:
+    >>> with SafetensorsReader.open("/models/a") as ckpt:                 # doctest: +SKIP
+    ...     ckpt.read("model.norm.weight").shape
+    torch.Size([576])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from evolution._exceptions import MergeError
+
+__all__ = [
+    "DTYPES",
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "OutTensor",
+    "SafetensorsReader",
+    "ShardedWriter",
+    "TensorEntry",
+    "dtype_code",
+]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_MAX_HEADER_BYTES = 100 * 1024**2  # a larger header means a corrupt file
+_IO_CHUNK = 1 << 30  # one read()/write() call moves at most 1 GiB (Linux caps a call near 2 GiB)
+
+# safetensors dtype code -> torch dtype
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+_CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
+    return _CODES[dtype]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a checkpoint as its safetensors header describes it."""
+
+    name: str  # key in the file ("model.layers.0.mlp.up_proj.weight")
+    file: str  # file name inside the checkpoint directory
+    dtype: torch.dtype  # stored dtype
+    shape: tuple[int, ...]  # tensor shape
+    offset: int  # absolute byte offset of the data in ``file``
+    nbytes: int  # bytes of data
+
+
+def _read_header(file: Path) -> tuple[dict[str, dict[str, object]], int]:
+    """The header of a safetensors file (without ``__metadata__``) and where its data starts."""
+    try:
+        with file.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > _MAX_HEADER_BYTES:
+                raise ValueError(f"header length {length} is implausible")
+            header: dict[str, dict[str, object]] = json.loads(fh.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise MergeError(
+            f"cannot read the safetensors header of {file}: {exc}; the file is truncated or not "
+            "safetensors, re-download or re-save the checkpoint",
+            path=str(file),
+        ) from exc
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _weight_files(root: Path) -> list[str]:
+    """File names holding the weights of checkpoint directory ``root``."""
+    if (root / INDEX_FILE).is_file():
+        try:
+            weight_map: dict[str, str] = json.loads((root / INDEX_FILE).read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise MergeError(
+                f"cannot read {root / INDEX_FILE}: {exc}; re-save the checkpoint", path=str(root)
+            ) from exc
+        return sorted(set(weight_map.values()))
+    if (root / SINGLE_FILE).is_file():
+        return [SINGLE_FILE]
+    return sorted(p.name for p in root.glob("*.safetensors"))
+
+
+class SafetensorsReader:
+    """The tensors of one checkpoint directory, read one at a time with ``pread``.
+
+    Attributes:
+        root: the checkpoint directory.
+        entries: tensor name -> ``TensorEntry``, in file and offset order.
+    """
+
+    def __init__(self, root: Path, entries: dict[str, TensorEntry]) -> None:
+        self.root = root
+        self.entries = entries
+        self._fds: dict[str, int] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> SafetensorsReader:
+        """Index the safetensors files of a checkpoint directory (no tensor is read).
+
+        Args:
+            path: directory with ``model.safetensors``, or shards and their index.
+
+        Returns:
+            The reader; close it (or use ``with``) to release the file descriptors.
+
+        Raises:
+            MergeError: no safetensors files, a listed shard is missing, or a header is corrupt
+                or points past the end of its file; ``path`` names the file.
+        """
+        root = Path(path)
+        files = _weight_files(root)
+        if not files:
+            raise MergeError(
+                f"no safetensors weights in {root}; save the model with "
+                "model.save_pretrained(dir) (transformers writes safetensors) or convert it",
+                path=str(root),
+            )
+        entries: list[TensorEntry] = []
+        for name in files:
+            file = root / name
+            if not file.is_file():
+                raise MergeError(
+                    f"{INDEX_FILE} in {root} lists {name}, which is missing; re-download or "
+                    "re-save the checkpoint",
+                    path=str(file),
+                )
+            header, data_start = _read_header(file)
+            size = file.stat().st_size
+            for key, meta in header.items():
+                begin, end = (int(x) for x in meta["data_offsets"])  # type: ignore[attr-defined]
+                code = str(meta["dtype"])
+                if code not in DTYPES or data_start + end > size or end < begin:
+                    raise MergeError(
+                        f"tensor {key!r} in {file} has dtype {code} and data offsets "
+                        f"[{begin}, {end}] beyond the file's {size - data_start} data bytes; the "
+                        "file is truncated or corrupt, re-download or re-save the checkpoint",
+                        tensor=key,
+                        path=str(file),
+                    )
+                shape = tuple(int(d) for d in meta["shape"])  # type: ignore[attr-defined]
+                entries.append(TensorEntry(key, name, DTYPES[code], shape, data_start + begin,
+                                           end - begin))  # fmt: skip
+        entries.sort(key=lambda e: (e.file, e.offset))
+        return cls(root, {e.name: e for e in entries})
+
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read tensor ``name`` from disk into a CPU tensor of its stored dtype.
+
+        Args:
+            name: tensor key.
+            buffer: a contiguous uint8 tensor of at least the tensor's byte size to read into
+                (the result is a view of its start); None allocates a fresh one. Reusing one
+                buffer per input spares the page faults of a new allocation for every tensor.
+
+        Raises:
+            MergeError: no such tensor, or the file ended early; the message names it.
+            ValueError: ``buffer`` is too small or not a contiguous uint8 tensor.
+        """
+        entry = self._entry(name)
+        if buffer is None:
+            buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        elif (
+            buffer.dtype != torch.uint8
+            or not buffer.is_contiguous()
+            or buffer.numel() < entry.nbytes
+        ):
+            raise ValueError(
+                f"read buffer for {name!r} must be contiguous uint8 of >= {entry.nbytes} bytes"
+            )
+        data = buffer.reshape(-1)[: entry.nbytes]
+        self._pread(entry, data, 0)
+        return data.view(entry.dtype).reshape(entry.shape)
+
+    def read_into(
+        self, name: str, out: torch.Tensor, staging: torch.Tensor, *, first: int = 0
+    ) -> torch.Tensor:
+        """Read tensor ``name`` (or a run of its elements) into ``out``, casting on the way.
+
+        Elements ``first .. first + out.numel()`` of the flattened tensor are read. A tensor
+        stored in ``out``'s dtype is read straight into ``out``; any other is read in pieces of
+        ``staging``'s size and each piece cast into ``out``, so no full-size copy in the stored
+        dtype is ever held (a bfloat16 tensor needs only its float32 ``out``).
+
+        Args:
+            name: tensor key.
+            out: contiguous CPU tensor (any shape) receiving ``out.numel()`` elements.
+            staging: contiguous uint8 scratch tensor (a few MiB; at least 8 bytes).
+            first: flat index of the first element to read.
+
+        Returns:
+            ``out`` in the tensor's shape when it received the whole tensor, else ``out``.
+
+        Raises:
+            MergeError: no such tensor, or the file ended early.
+            ValueError: the run of elements is out of range, or ``out`` is not contiguous.
+        """
+        entry = self._entry(name)
+        numel, count = math.prod(entry.shape), out.numel()
+        if not out.is_contiguous() or first < 0 or first + count > numel:
+            raise ValueError(
+                f"read_into({name!r}) needs a contiguous tensor and elements within 0..{numel}, "
+                f"got {first}..{first + count}"
+            )
+        flat = out.reshape(-1)
+        itemsize = entry.dtype.itemsize
+        if out.dtype == entry.dtype:
+            self._pread(entry, flat.view(torch.uint8), first * itemsize)
+        else:
+            per_piece = staging.numel() // itemsize  # elements per piece
+            for start in range(0, count, per_piece):
+                n = min(per_piece, count - start)
+                piece = staging[: n * itemsize]
+                self._pread(entry, piece, (first + start) * itemsize)
+                flat[start : start + n].copy_(piece.view(entry.dtype))
+        return out.view(entry.shape) if count == numel else out
+
+    def _entry(self, name: str) -> TensorEntry:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise MergeError(
+                f"tensor {name!r} is not in {self.root}", tensor=name, path=str(self.root)
+            )
+        return entry
+
+    def _pread(self, entry: TensorEntry, target: torch.Tensor, skip: int) -> None:
+        """Fill uint8 ``target`` with ``entry``'s bytes starting ``skip`` bytes into its data."""
+        fd = self._fds.get(entry.file)
+        if fd is None:
+            fd = self._fds[entry.file] = os.open(self.root / entry.file, os.O_RDONLY)
+        view = target.numpy().data  # a writable memoryview of the tensor's memory
+        size, done = len(view), 0
+        while done < size:
+            got = os.preadv(fd, [view[done : done + _IO_CHUNK]], entry.offset + skip + done)
+            if got <= 0:
+                raise MergeError(
+                    f"{self.root / entry.file} ended inside tensor {entry.name!r}; the file is "
+                    "truncated, re-download or re-save the checkpoint",
+                    tensor=entry.name,
+                    path=str(self.root / entry.file),
+                )
+            done += got
+
+    def close(self) -> None:
+        """Close the open files."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor the writer will receive: its name, dtype and shape."""
+
+    name: str  # key to write
+    dtype: torch.dtype  # dtype it is written in
+    shape: tuple[int, ...]  # shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data."""
+        n = self.dtype.itemsize
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+class ShardedWriter:
+    """Write a checkpoint's safetensors file(s) tensor by tensor, header first.
+
+    Tensors must be written in the order given to the constructor, whole (``write``) or as
+    consecutive pieces (``append``); the plan splits them into
+    consecutive shards of at most ``max_shard_bytes`` (a single larger tensor gets a shard of
+    its own). Each file's sha256 is computed from the bytes as they are written.
+
+    Attributes:
+        files: output file name -> its tensors, in write order.
+        sha256: output file name -> hex digest, filled in as each file is completed.
+
+    Example:
+        >>> w = ShardedWriter(out, [OutTensor("w", torch.float32, (2,))])   # doctest: +SKIP
+        >>> w.write("w", torch.ones(2)); w.close()                         # doctest: +SKIP
+    """
+
+    def __init__(self, out_dir: Path, tensors: Sequence[OutTensor], max_shard_bytes: int) -> None:
+        self.out_dir = out_dir
+        shards: list[list[OutTensor]] = [[]]
+        size = 0
+        for tensor in tensors:
+            if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(tensor)
+            size += tensor.nbytes
+        self.files: dict[str, list[OutTensor]] = dict(zip(_shard_names(len(shards)), shards))
+        self.sha256: dict[str, str] = {}
+        self.total_bytes = sum(t.nbytes for t in tensors)
+        self.bytes_written = 0
+        self._queue = [(file, t) for file, shard in self.files.items() for t in shard]
+        self._next = 0  # index in _queue of the tensor being written
+        self._partial = 0  # bytes of that tensor written so far
+        self._fd: int | None = None
+        self._hash: hashlib._Hash | None = None
+        self._file: str | None = None
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name -> file holding it."""
+        return {t.name: file for file, shard in self.files.items() for t in shard}
+
+    def _start(self, file: str) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for tensor in self.files[file]:
+            header[tensor.name] = {
+                "dtype": dtype_code(tensor.dtype),
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + tensor.nbytes],
+            }
+            offset += tensor.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned
+        self._fd = os.open(self.out_dir / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._hash = hashlib.sha256()
+        self._file = file
+        self._put(memoryview(struct.pack("<Q", len(raw)) + raw))
+
+    def _put(self, data: memoryview) -> None:
+        assert self._fd is not None and self._hash is not None
+        self._hash.update(data)
+        done = 0
+        while done < len(data):
+            done += os.write(self._fd, data[done : done + _IO_CHUNK])
+
+    def _finish(self) -> None:
+        assert self._fd is not None and self._hash is not None and self._file is not None
+        os.close(self._fd)
+        self.sha256[self._file] = self._hash.hexdigest()
+        self._fd = self._hash = self._file = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next whole tensor (in plan order) to its file.
+
+        Raises:
+            ValueError: ``name``, dtype or shape differ from the plan (a bug in the caller).
+        """
+        planned = self._planned(name, tensor.dtype)
+        if tuple(tensor.shape) != planned.shape or self._partial:
+            raise ValueError(
+                f"writer expected tensor {name!r} of shape {planned.shape} in one piece, got "
+                f"shape {tuple(tensor.shape)}"
+            )
+        self.append(name, tensor)
+
+    def append(self, name: str, piece: torch.Tensor) -> None:
+        """Append the next piece of tensor ``name``: consecutive elements, in order.
+
+        The writer moves on to the next planned tensor once the pieces add up to the whole.
+
+        Raises:
+            ValueError: wrong tensor, dtype, or more bytes than the tensor has.
+        """
+        file, planned = self._queue[self._next] if self._next < len(self._queue) else (None, None)
+        self._planned(name, piece.dtype)
+        assert file is not None and planned is not None
+        if self._file != file:
+            if self._file is not None:
+                self._finish()
+            self._start(file)
+        nbytes = piece.numel() * piece.dtype.itemsize
+        if self._partial + nbytes > planned.nbytes:
+            raise ValueError(f"{nbytes} more bytes overflow tensor {name!r} ({planned.nbytes})")
+        if nbytes:
+            flat = piece.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._put(flat.numpy().data)
+        self._partial += nbytes
+        self.bytes_written += nbytes
+        if self._partial == planned.nbytes:
+            self._partial = 0
+            self._next += 1
+            if self._next == len(self._queue) or self._queue[self._next][0] != file:
+                self._finish()
+
+    def _planned(self, name: str, dtype: torch.dtype) -> OutTensor:
+        if self._next >= len(self._queue):
+            raise ValueError(f"tensor {name!r} written after the last planned tensor")
+        planned = self._queue[self._next][1]
+        if (name, dtype) != (planned.name, planned.dtype):
+            raise ValueError(
+                f"writer expected tensor {planned.name!r} {planned.dtype}, got {name!r} {dtype}"
+            )
+        return planned
+
+    def close(self) -> None:
+        """Finish the files and write the shard index when there are several shards.
+
+        Raises:
+            ValueError: some planned tensors were never written.
+        """
+        if self._next != len(self._queue):
+            missing = [t.name for _, t in self._queue[self._next :]]
+            raise ValueError(f"{len(missing)} planned tensors were not written: {missing[:5]}")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
+            (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+    def abort(self) -> None:
+        """Close any open file (the caller removes the partial output)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = self._hash = self._file = None

@@ -1,0 +1,201 @@
+"""Building blocks shared by the task-vector methods: trimming, random drops, sign consensus.
+
+All functions work on float32 tensors. Those with a trailing underscore (PyTorch's convention)
+modify their argument in place and return it: the methods call them on task vectors they own
+(``tensor - base``), which keeps the float32 temporaries per model to about one. "Per tensor" is
+the scope throughout: a fraction such as ``density`` applies to the entries of the one tensor
+being merged, never to the whole model (the streaming merge sees one tensor at a time).
+
+Example:
+    >>> import torch
+    >>> trim_magnitude_(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5)
+    tensor([ 0., -3.,  2.,  0.])
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "disjoint_merge_",
+    "elect_sign",
+    "generator",
+    "keep_count",
+    "random_drop_",
+    "trim_magnitude_",
+    "trim_outliers_",
+]
+
+
+def keep_count(density: float, numel: int) -> int:
+    """How many of ``numel`` entries a ``density`` keeps: ``max(1, round(density * numel))``.
+
+    At least one entry survives for any density > 0, so a small tensor (a bias, a norm) is never
+    silently emptied; ``density = 1`` keeps everything.
+
+    Example:
+        >>> keep_count(0.2, 10), keep_count(0.01, 10), keep_count(1.0, 7)
+        (2, 1, 7)
+    """
+    if numel == 0:
+        return 0
+    return min(numel, max(1, round(density * numel)))
+
+
+def _kth_largest_(magnitude: torch.Tensor, ks: Sequence[int]) -> list[float]:
+    """The ``k``-th largest value of ``magnitude`` for each ``k`` in ``ks`` (1..numel).
+
+    Destroys the order of ``magnitude`` (it is partitioned in place): on the CPU this is numpy's
+    introselect on the tensor's own memory, O(numel) with no copy, where ``torch.kthvalue`` would
+    allocate a copy plus int64 indices (3x the float32 tensor).
+    """
+    n = magnitude.numel()
+    positions = [n - k for k in ks]  # the k-th largest is at index n - k in ascending order
+    if magnitude.device.type == "cpu":
+        array = magnitude.reshape(-1).numpy()
+        array.partition(sorted(set(positions)))
+        return [float(array[i]) for i in positions]
+    flat = magnitude.reshape(-1)
+    return [float(torch.kthvalue(flat, i + 1).values) for i in positions]
+
+
+def trim_magnitude_(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """In place: keep the ``density`` fraction of largest-magnitude entries, zero the rest.
+
+    The threshold is the k-th largest magnitude (``k = keep_count(density, numel)``) and every
+    entry at least that large is kept, as in the TIES reference code (``kthvalue`` + ``>=``): with
+    tied magnitudes at the threshold slightly more than k entries survive.
+
+    Example:
+        >>> trim_magnitude_(torch.tensor([1.0, -4.0, 3.0, 2.0]), 0.5)
+        tensor([ 0., -4.,  3.,  0.])
+    """
+    if density >= 1.0 or delta.numel() == 0:
+        return delta
+    magnitude = delta.abs()
+    (threshold,) = _kth_largest_(magnitude, [keep_count(density, delta.numel())])
+    keep = torch.abs(delta, out=magnitude) >= threshold  # reuse the partitioned buffer
+    return delta.mul_(keep)
+
+
+def trim_outliers_(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """In place: Model Breadcrumbs' mask — drop the ``gamma`` largest, keep the next ``density``.
+
+    Entries are ranked by magnitude. The top ``round(gamma * numel)`` are dropped as outliers,
+    the next ``keep_count(density, numel)`` are kept, and everything smaller is dropped, so the
+    smallest-magnitude fraction removed is ``1 - density - gamma``.
+
+    Example:
+        >>> trim_outliers_(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 0.4, 0.2)
+        tensor([0., 0., 3., 4., 0.])
+    """
+    n = delta.numel()
+    if n == 0:
+        return delta
+    n_top = round(gamma * n)
+    n_keep = min(keep_count(density, n), n - n_top)
+    if n_keep <= 0:
+        return delta.zero_()
+    magnitude = delta.abs()
+    ks = [n_top + n_keep, n_top] if n_top > 0 else [n_keep]
+    low, *high = _kth_largest_(magnitude, ks)
+    torch.abs(delta, out=magnitude)  # reuse the partitioned buffer
+    keep = magnitude >= low
+    if high:
+        keep &= magnitude < high[0]
+    return delta.mul_(keep)
+
+
+def generator(seed: int, name: str, index: int) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, tensor name, model index)``.
+
+    The seed is the first 8 bytes of ``sha256(f"{seed}/{index}/{name}")``, so each model and each
+    tensor gets its own independent stream, and a tensor's mask does not depend on which tensors
+    were merged before it (or in which order, or in which process).
+
+    Example:
+        >>> a = torch.rand(3, generator=generator(0, "w", 0))
+        >>> bool((a == torch.rand(3, generator=generator(0, "w", 0))).all())
+        True
+    """
+    digest = hashlib.sha256(f"{seed}/{index}/{name}".encode()).digest()
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+    return gen
+
+
+def random_drop_(
+    delta: torch.Tensor, density: float, gen: torch.Generator, *, rescale: bool = True
+) -> torch.Tensor:
+    """In place: DARE — keep each entry with probability ``density`` (drop with ``p = 1 - density``).
+
+    Survivors are multiplied by ``1 / density = 1 / (1 - p)`` when ``rescale`` (the paper), which
+    keeps the expectation of every entry equal to the original. The mask is drawn on the CPU from
+    ``gen`` so it is the same on every device.
+
+    Example:
+        >>> out = random_drop_(torch.ones(4), 0.5, generator(0, "w", 0))
+        >>> sorted(set(out.tolist())) <= [0.0, 2.0]
+        True
+    """
+    if density >= 1.0:
+        return delta
+    keep = torch.rand(delta.shape, generator=gen, device="cpu") < density
+    delta.mul_(keep.to(delta.device))
+    return delta.div_(density) if rescale else delta
+
+
+def elect_sign(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """TIES sign election: the sign of the summed (already weighted, trimmed) task vectors.
+
+    The sign with the larger total mass wins per entry; an exact tie elects 0 and that entry
+    takes no update.
+
+    Example:
+        >>> elect_sign([torch.tensor([1.0, -1.0]), torch.tensor([-3.0, 0.5])])
+        tensor([-1., -1.])
+    """
+    total = deltas[0].clone()
+    for delta in deltas[1:]:
+        total += delta
+    return total.sign_()
+
+
+def disjoint_merge_(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    sign: torch.Tensor,
+    *,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """TIES disjoint merge of weighted task vectors ``deltas[i] = weights[i] * tau_i``.
+
+    Consumes ``deltas`` (each is zeroed where it disagrees, in place). Only entries whose sign
+    agrees with ``sign`` (and are non-zero) contribute. With ``normalize`` the sum is divided by
+    the summed weights of the contributing models, per entry: with unit weights that is the
+    number of agreeing non-zero entries, the paper's disjoint mean (``sum(tau_i) / |A|``); with
+    other weights it is the weighted mean of the agreeing ``tau_i``. An entry no model agrees on
+    gets 0. Without ``normalize`` it is the plain disjoint sum.
+
+    Example:
+        >>> d = [torch.tensor([2.0, 1.0]), torch.tensor([4.0, -3.0])]
+        >>> disjoint_merge_(d, [1.0, 1.0], torch.tensor([1.0, -1.0]))
+        tensor([ 3., -3.])
+    """
+    positive, elected = sign > 0, sign != 0  # bool masks: 1 byte per entry instead of 4
+    total = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0]) if normalize else None
+    for delta, weight in zip(deltas, weights):
+        agree = (delta > 0) == positive  # same sign as elected ...
+        agree &= delta != 0  # ... for a non-zero entry ...
+        agree &= elected  # ... where a sign was elected at all
+        total += delta.mul_(agree)
+        if divisor is not None:
+            divisor.add_(agree, alpha=weight)
+    if divisor is None:
+        return total
+    # where no model agrees, total is 0: divide by 1 there (0, not 0/0)
+    return total.div_(divisor.masked_fill_(divisor == 0, 1.0))
