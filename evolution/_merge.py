@@ -5,16 +5,18 @@ present with the same shape; ``_merge_plan``) before writing anything. Then, for
 the template (the base model, or the first model when there is no base), it reads that tensor
 from each input, merges it with the recipe's method in float32, casts it to the output dtype,
 rejects NaN/inf, and hands it to a writer thread that appends it to the output safetensors file
-(whose header was written first, ``_tensor_io.ShardedWriter``) and hashes it, while the main
+(whose header was written first, ``_tensor_writer.ShardedWriter``) and hashes it, while the main
 thread goes on with the next tensor.
 
-Memory: each input is read into one reusable float32 buffer sized to its largest tensor
-(bfloat16/float16 inputs are converted piece by piece through a shared 16 MiB staging buffer); the method allocates its float32 temporaries
-(1-2 tensors for linear/task arithmetic, ~4 plus one per model for TIES/DARE-TIES); the output
-tensor being written is held once more by the writer thread. So the peak is a small multiple of
-the largest tensor (usually the embedding matrix) per input — never a whole model. Reusing the
-read buffers matters for speed too: a fresh allocation of a large tensor costs page faults that
-cost about as much as the arithmetic.
+Memory: each input is read into one reusable float32 buffer (bfloat16/float16 inputs are cast
+through a shared 16 MiB staging buffer); the method allocates its float32 temporaries (one
+result for linear/task arithmetic, ~4 plus one per model for TIES/DARE-TIES); the piece being
+written is held once more by the writer thread. Elementwise methods (linear, task_arithmetic;
+``MergeMethod.elementwise``) get large tensors in runs of 4 Mi elements, so they hold about
+``(inputs + 3) x 16 MiB`` whatever the model. The others need a whole tensor at once (a top-k
+threshold, a norm, a seeded mask), so their peak is a small multiple of the largest tensor
+(usually the embedding) per input — still never a whole model. Reusing the buffers matters for
+speed too: fresh pages for each large tensor cost about as much as the arithmetic.
 
 Threads: the arithmetic is memory-bound, so torch's intra-op threads buy little, and on an
 oversubscribed host their OpenMP spin-waits can slow a merge several-fold. Ray workers run with
@@ -64,7 +66,8 @@ from evolution._merge_plan import (
     plan_merge,
 )
 from evolution._recipe import MergeRecipe
-from evolution._tensor_io import INDEX_FILE, ShardedWriter
+from evolution._tensor_reader import INDEX_FILE
+from evolution._tensor_writer import ShardedWriter
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "RECIPE_FILE", "MergeResult", "NonFiniteError", "merge"]
 

@@ -29,7 +29,8 @@ import torch
 
 from evolution._exceptions import MergeError
 from evolution._recipe import MergeRecipe
-from evolution._tensor_io import OutTensor, SafetensorsReader
+from evolution._tensor_reader import SafetensorsReader
+from evolution._tensor_writer import OutTensor
 
 __all__ = [
     "MergeInput",
