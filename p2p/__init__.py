@@ -1,9 +1,66 @@
 """A libp2p mesh with Noise encryption between hive sites.
 
-Identity, host, mesh and protocols land with the p2p issue; today the package exposes its
-error tree. This package imports nothing else of ours.
+Layers (each its own module): identity (``_identity``), security = Noise only + allowlist
+gate (``_security``, ``_allowlist``), host = TCP + yamux + dialing (``_host``), frames
+(``_frames``), wire models (``_messages``), RPC (``_rpc``), the trio side of a node
+(``_mesh``), the trio <-> asyncio/threads bridge (``_bridge``, the only module mixing them),
+and the public :class:`Node` (``_node``). This package imports nothing else of ours.
+
+Example:
+    >>> ident = init_identity("/var/lib/hive/p2p", site="site-a")            # doctest: +SKIP
+    >>> cfg = NodeConfig(identity=ident, listen="/ip4/0.0.0.0/tcp/4001",     # doctest: +SKIP
+    ...                  peers=(SitePeer(peer_id="12D3KooW...", addrs=("/ip4/10.0.0.2/tcp/4001",)),))
+    >>> with Node(cfg) as node:                                              # doctest: +SKIP
+    ...     node.call("12D3KooW...", "status")
 """
 
-from p2p._exceptions import IdentityError, P2PError, PeerNotAllowedError, ProtocolError
+from p2p._allowlist import Allowlist, DeniedEvent, SitePeer
+from p2p._config import NodeConfig
+from p2p._exceptions import (
+    ChecksumError,
+    DialError,
+    FrameTooLargeError,
+    IdentityError,
+    NodeClosedError,
+    P2PError,
+    P2PTimeoutError,
+    PeerIdMismatchError,
+    PeerNotAllowedError,
+    ProtocolError,
+    RemoteError,
+    StreamResetError,
+)
+from p2p._gossip import GossipMessage
+from p2p._identity import SiteIdentity, generate_identity, init_identity, load_identity
+from p2p._node import Node
+from p2p._rpc import RPC_PROTOCOL
+from p2p._tensors import TENSOR_PROTOCOL, ReceivedTensors, TransferStats
 
-__all__ = ["IdentityError", "P2PError", "PeerNotAllowedError", "ProtocolError"]
+__all__ = [
+    "Allowlist",
+    "ChecksumError",
+    "DeniedEvent",
+    "DialError",
+    "FrameTooLargeError",
+    "GossipMessage",
+    "IdentityError",
+    "Node",
+    "NodeClosedError",
+    "NodeConfig",
+    "P2PError",
+    "P2PTimeoutError",
+    "PeerIdMismatchError",
+    "PeerNotAllowedError",
+    "ProtocolError",
+    "RPC_PROTOCOL",
+    "ReceivedTensors",
+    "RemoteError",
+    "SiteIdentity",
+    "SitePeer",
+    "StreamResetError",
+    "TENSOR_PROTOCOL",
+    "TransferStats",
+    "generate_identity",
+    "init_identity",
+    "load_identity",
+]
