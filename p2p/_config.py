@@ -28,6 +28,8 @@ class NodeConfig:
     listen: str = "/ip4/127.0.0.1/tcp/0"
     # The allowlist: the only peers that may connect or open streams (and that we dial).
     peers: tuple[SitePeer, ...] = ()
+    # Most connections (in + out) at once; a site mesh needs a few per peer.
+    max_connections: int = 128
     # Seconds to open TCP + Noise + yamux to a peer before DialError/P2PTimeoutError.
     dial_timeout: float = 10.0
     # Default seconds an RPC call waits for its reply (per call: timeout=...).
@@ -66,7 +68,7 @@ class NodeConfig:
                      "gossip_heartbeat", "gossip_rate", "close_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"NodeConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_rpc_frame", "handler_threads", "tensor_chunk", "tensor_window",
+        for name in ("max_connections", "max_rpc_frame", "handler_threads", "tensor_chunk", "tensor_window",
                      "max_tensor_bytes", "gossip_degree"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NodeConfig.{name} must be >= 1, got {getattr(self, name)}")

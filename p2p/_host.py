@@ -16,6 +16,7 @@ Two things differ from ``libp2p.new_host``'s defaults, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -26,6 +27,7 @@ from libp2p.abc import INetConn, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.host.basic_host import BasicHost
 from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStoreError
 from multiaddr import Multiaddr
@@ -69,6 +71,32 @@ def split_peer_addr(addr: str) -> tuple[str, Multiaddr]:
                         address=addr, peer_id=None) from err
 
 
+def _release_inbound_slots(swarm: Any) -> None:
+    """Work around a slot leak in py-libp2p 0.8.1's ``Swarm._do_handle_inbound_connection``.
+
+    After upgrading an inbound connection it awaits ``self.manager.wait_finished()`` - the
+    end of the *swarm* (trio closes a listener's stream when its handler returns) - so every
+    inbound connection ever accepted keeps one of the ``max_connections`` inbound slots and a
+    parked task until the node stops: after 300 (the default) the node refuses all inbound
+    connections ("Inbound connection cap (300) reached"). Same steps here, but the handler
+    waits for *its* connection to close. (The IP allow/deny gate and pre-multiplexed QUIC
+    branch it also has are unused: we configure no IP lists and listen on TCP only.)
+    """
+
+    async def handle(read_write_closer: Any, maddr: Multiaddr, failure_event: Any) -> None:
+        raw_conn = RawConnection(read_write_closer, False)
+        try:
+            muxed = await swarm.upgrade_inbound_raw_conn(raw_conn, maddr)
+        except Exception as err:  # noqa: BLE001 - refused (allowlist), bad handshake, gone
+            logger.debug("inbound connection on %s not upgraded: %r", maddr, err)
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await raw_conn.close()
+            return
+        await muxed.event_closed.wait()
+
+    swarm._do_handle_inbound_connection = handle
+
+
 def _causes(err: BaseException) -> Iterator[BaseException]:
     """``err`` and everything it was raised from, including exception-group members."""
     seen: set[int] = set()
@@ -104,9 +132,12 @@ class Host:
             # min/low watermark 0 and a huge interval switch the AutoConnector off: it
             # would otherwise redial whatever the peerstore holds to keep 50+ connections.
             connection_config=ConnectionConfig(dial_timeout=config.dial_timeout,
+                                               max_connections=config.max_connections,
+                                               high_watermark=config.max_connections,
                                                min_connections=0, low_watermark=0,
                                                auto_connect_interval=_NEVER),
         )
+        _release_inbound_slots(swarm)
         self.libp2p = BasicHost(network=swarm)
         self.peer_id = self.libp2p.get_id().to_base58()
         self._dial_locks: dict[str, trio.Lock] = {}

@@ -30,7 +30,7 @@ _GRACE = 5.0  # seconds a blocking call waits beyond the operation's own timeout
 
 
 class Node:
-    """A site's p2p node: Noise-only libp2p host, allowlist, RPC.
+    """A site's p2p node: Noise-only libp2p host, allowlist, RPC, tensor stream, gossip.
 
     Args:
         config: identity, listen address, allowlist and limits.

@@ -177,3 +177,16 @@ def test_identity_is_what_the_host_announces(make_node: Callable[..., Node]) -> 
     node = make_node(ident)
     assert node.peer_id == ident.peer_id
     assert all(addr.endswith(f"/p2p/{ident.peer_id}") for addr in node.addrs)
+
+
+def test_inbound_slots_are_released_when_connections_close(
+        make_node: Callable[..., Node]) -> None:
+    """py-libp2p 0.8.1 keeps an inbound slot per connection until the node stops; with
+    max_connections=3 the 4th reconnect would be refused."""
+    ia, ib = generate_identity("a"), generate_identity("b")
+    b = make_node(ib, peers=(peer_of(ia),), max_connections=3)
+    a = make_node(ia, peers=(peer_of(ib),))
+    for _ in range(7):
+        a.connect(b.addrs[0])
+        a.disconnect(ib.peer_id)
+    assert a.connect(b.addrs[0]) == ib.peer_id
