@@ -571,9 +571,14 @@ class Coordinator:
         current = self.inflight.get(rec.task_id)
         if current is None or current[:2] != (agent_id, attempt) or rec.status.final:
             return  # cancelled, or already retried elsewhere after a missed heartbeat
-        self.book.record_outcome(agent_id, rec.type, outcome.ok, outcome.latency_s)
+        # decide before recording: a restricted agent's unchecked successes must not lift it
+        # above the threshold while its earlier results are still being checked
         if outcome.ok and rec.cross_check and not outcome.deduplicated and self.book.needs_cross_check(agent_id):
-            outcome = await self._cross_check(rec, outcome)
+            outcome, outvoted = await self._cross_check(rec, outcome)
+            if outvoted != agent_id:  # an outvoted result is charged a disagreement, not a success
+                self.book.record_outcome(agent_id, rec.type, True, outcome.latency_s)
+        else:
+            self.book.record_outcome(agent_id, rec.type, outcome.ok, outcome.latency_s)
         self.inflight.pop(rec.task_id, None)
         if outcome.ok:
             done = self._emit(ev.TaskCompleted(
@@ -606,20 +611,23 @@ class Coordinator:
         finally:
             self.calls[agent_id].pop(call_id, None)
 
-    async def _cross_check(self, rec: TaskRecord, first: TaskOutcome) -> TaskOutcome:
+    async def _cross_check(self, rec: TaskRecord, first: TaskOutcome) -> tuple[TaskOutcome, str | None]:
         """Re-run a low-reputation agent's result on a second agent and compare.
 
         Agreement delivers the result. On disagreement a third agent arbitrates when one exists
         (majority wins; the outvoted agent is charged a disagreement); without one, the
         better-reputed of the two wins and the other is charged.
+
+        Returns:
+            The outcome to deliver and the id of the outvoted agent (None when none was).
         """
         checker = self._pick_checker(rec, {first.agent_id})
         second = await self._run_check(rec, checker) if checker else None
         if checker is None or second is None:
-            return first
+            return first, None
         if _same_result(first.result, second.result):
             self._emit(ev.TaskCrossChecked(task_id=rec.task_id, agent_id=first.agent_id, checker_id=checker, agreed=True))
-            return first
+            return first, None
         arbiter = self._pick_checker(rec, {first.agent_id, checker})
         third = await self._run_check(rec, arbiter) if arbiter else None
         winner, loser = first, checker
@@ -628,7 +636,7 @@ class Coordinator:
         self.book.record_disagreement(loser)
         self._emit(ev.TaskCrossChecked(task_id=rec.task_id, agent_id=first.agent_id, checker_id=checker,
                                        agreed=False, arbiter_id=arbiter if third else None, outvoted=loser))
-        return winner
+        return winner, loser
 
     def _retry_or_dead_letter(self, rec: TaskRecord, cause: str) -> None:
         if rec.attempt >= rec.max_attempts:
