@@ -19,7 +19,7 @@ from inference._pipeline import GenerationStats, TokenEvent, run_generation, run
 from inference._plan import DeviceInfo, ShardingPlan, StagePlan
 from inference._planner import plan
 from inference._rebalance import replan_with_throughput
-from inference._sampling import SamplingParams, sample_next
+from inference._sampling import SampleSpec, SamplingParams, pick_tokens, sample_next, token_generator
 from inference._session import Completion, InferenceSession, TokenChunk, attach, deploy, deployments
 from inference._sharding import ShardingCoordinator
 from inference._stage import StageCompute, position_ids_from_mask
@@ -47,6 +47,7 @@ __all__ = [
     "Placement",
     "PlanError",
     "RayTransport",
+    "SampleSpec",
     "SamplingParams",
     "ShardingCoordinator",
     "ShardingPlan",
@@ -69,6 +70,7 @@ __all__ = [
     "layer_costs_from_config",
     "measure_throughput",
     "partition",
+    "pick_tokens",
     "plan",
     "position_ids_from_mask",
     "replan_with_throughput",
@@ -76,4 +78,5 @@ __all__ = [
     "run_generation_steps",
     "sample_next",
     "smollm2_checkpoint",
+    "token_generator",
 ]

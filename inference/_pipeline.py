@@ -2,8 +2,9 @@
 
 Requests are split into ``microbatches`` groups; each group owns a KV-cache slot on every
 stage (one row per sequence, prompts left-padded). The scheduler starts the prefill of every
-group, then, whenever any group's logits come back, samples its next tokens and submits its
-next decode step — so while stage 1 works on group A, stage 0 already works on group B.
+group, then, whenever any group's next tokens come back (the last stage picks them: only token
+ids travel back, not logits), submits its next decode step — so while stage 1 works on group
+A, stage 0 already works on group B.
 
 Every token a group has been fed is kept (``history``): when a stage dies, the scheduler waits
 for its replacement and replays each unfinished group's history as one prefill, which rebuilds
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from inference._exceptions import InferenceError
-from inference._sampling import SamplingParams, sample_next
+from inference._sampling import SampleSpec, SamplingParams
 from inference._stage import position_ids_from_mask
 from inference._transport import StageLostError, StepInput, Transport
 
@@ -57,7 +58,7 @@ class _Group:
     mask: torch.Tensor  # [B, L] 1 = real, 0 = pad
     generated: list[list[int]]  # per row
     done: list[bool]  # per row
-    generators: list[torch.Generator | None]
+    seeds: tuple[int | None, ...]  # per row: the run seed + request index (None: unseeded/greedy)
     pending: Any = None  # transport handle of the step in flight
     fed: int = 0  # columns of history already in every stage's cache
 
@@ -76,22 +77,18 @@ def _make_groups(prompts: Sequence[Sequence[int]], microbatches: int, pad_id: in
             p = list(prompts[r])
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)  # left padding
             mask[i, width - len(p):] = 1
-        gens: list[torch.Generator | None] = []
-        for r in rows:
-            if sampling.greedy or sampling.seed is None:
-                gens.append(None)
-            else:
-                gens.append(torch.Generator().manual_seed(sampling.seed + r))
+        seeds = tuple(None if sampling.greedy or sampling.seed is None else sampling.seed + r for r in rows)
         groups.append(_Group(slot=f"{tag}-{g}", rows=rows, history=ids, mask=mask,
-                             generated=[[] for _ in rows], done=[False] * len(rows), generators=gens))
+                             generated=[[] for _ in rows], done=[False] * len(rows), seeds=seeds))
     return groups
 
 
-def _submit(transport: Transport, g: _Group, replay: bool = False) -> None:
+def _submit(transport: Transport, g: _Group, sampling: SamplingParams, replay: bool = False) -> None:
     start = 0 if replay else g.fed
     new = g.history.shape[1] - start
+    spec = SampleSpec(sampling, g.seeds, tuple(len(gen) for gen in g.generated))  # the last stage picks
     step = StepInput(slot=g.slot, input_ids=g.history[:, start:], attention_mask=g.mask,
-                     position_ids=position_ids_from_mask(g.mask, new))
+                     position_ids=position_ids_from_mask(g.mask, new), sample=spec)
     g.pending = transport.submit(step)
     g.fed = g.history.shape[1]
 
@@ -142,7 +139,7 @@ def run_generation_steps(transport: Transport, prompts: Sequence[Sequence[int]],
     recoveries = 0
     try:
         for g in groups:
-            _submit(transport, g)
+            _submit(transport, g, sampling)
             stats.steps += 1
         active = {id(g.pending): g for g in groups}
         while active:
@@ -150,8 +147,7 @@ def run_generation_steps(transport: Transport, prompts: Sequence[Sequence[int]],
                 done = transport.wait([g.pending for g in active.values()])
                 for handle in done:
                     g = active.pop(id(handle))
-                    logits = transport.fetch(handle)[:, -1, :]  # [B, V]
-                    nxt = sample_next(logits, sampling, g.generators)  # [B]
+                    nxt = transport.fetch(handle)  # [B] token ids, picked by the last stage
                     events = []
                     for i, r in enumerate(g.rows):
                         if g.done[i]:
@@ -171,7 +167,7 @@ def run_generation_steps(transport: Transport, prompts: Sequence[Sequence[int]],
                         live = torch.tensor([[0 if d else 1] for d in g.done], dtype=torch.long)
                         g.history = torch.cat([g.history, col], dim=1)  # [B, L+1]
                         g.mask = torch.cat([g.mask, live], dim=1)
-                        _submit(transport, g)  # next step in flight before the caller sees these tokens
+                        _submit(transport, g, sampling)  # next step in flight before the caller sees these tokens
                         stats.steps += 1
                         active[id(g.pending)] = g
                     yield events
@@ -184,7 +180,7 @@ def run_generation_steps(transport: Transport, prompts: Sequence[Sequence[int]],
                 active.clear()
                 for g in (g for g in groups if not all(g.done)):  # drop everywhere, replay the whole history
                     transport.drop(g.slot)
-                    _submit(transport, g, replay=True)
+                    _submit(transport, g, sampling, replay=True)
                     stats.steps += 1
                     active[id(g.pending)] = g
                 stats.recoveries.append(time.perf_counter() - lost_at)

@@ -1,4 +1,11 @@
-"""Next-token selection: greedy, temperature, top-k, top-p, with a per-sequence seeded generator."""
+"""Next-token selection: greedy, temperature, top-k, top-p, with a per-sequence seeded generator.
+
+In a pipeline the last stage picks the tokens (``pick_tokens`` with a ``SampleSpec``), so only
+``B`` token ids travel back instead of ``B x vocab`` logits. Seeded sampling is counter-based:
+the draw for a sequence's ``n``-th token comes from a generator seeded with
+``(seed + request index, n)``, so it depends on nothing else — not the process that samples, not
+the micro-batch grouping, not a stage restart in between.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import torch
 
 from inference._exceptions import InferenceError
 
-__all__ = ["SamplingParams", "sample_next"]
+__all__ = ["SampleSpec", "SamplingParams", "pick_tokens", "sample_next", "token_generator"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +73,49 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generators: list[t
     probs = torch.softmax(scores, dim=-1)  # [B, V]
     out = [torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(probs.shape[0])]
     return torch.cat(out)
+
+
+def token_generator(seed: int, index: int) -> torch.Generator:
+    """The generator for a sequence's ``index``-th token (``seed`` = run seed + request index).
+
+    Example:
+        >>> a = torch.rand(1, generator=token_generator(7, 3))
+        >>> bool(a == torch.rand(1, generator=token_generator(7, 3)))
+        True
+    """
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What the last stage needs to pick one micro-batch step's tokens.
+
+    ``seeds[i]`` is row ``i``'s sequence seed (None: the global RNG), ``counts[i]`` how many
+    tokens that row has generated so far (the index of the token being picked).
+    """
+
+    params: SamplingParams
+    seeds: tuple[int | None, ...]
+    counts: tuple[int, ...]
+
+
+def pick_tokens(logits: torch.Tensor, spec: SampleSpec) -> torch.Tensor:
+    """One token per row of ``logits`` ``[B, V]`` (or ``[B, 1, V]``) as ``spec`` says.
+
+    Returns:
+        LongTensor [B].
+
+    Example:
+        >>> spec = SampleSpec(SamplingParams(), (None,), (0,))
+        >>> pick_tokens(torch.tensor([[[0.1, 2.0, 0.3]]]), spec).tolist()
+        [1]
+    """
+    if logits.ndim == 3:
+        logits = logits[:, -1, :]
+    if len(spec.seeds) != logits.shape[0] or len(spec.counts) != logits.shape[0]:
+        raise InferenceError(f"sample spec for {len(spec.seeds)} rows, logits have {logits.shape[0]}",
+                             setting="sample")
+    if spec.params.greedy:
+        return logits.argmax(dim=-1)
+    gens = [None if seed is None else token_generator(seed, n) for seed, n in zip(spec.seeds, spec.counts)]
+    return sample_next(logits, spec.params, gens)

@@ -51,14 +51,19 @@ class StageActor(hive.Agent):
         self.load_s = time.perf_counter() - t0
 
     @ray.method(concurrency_group="compute")
-    def forward(self, slot: str, x: Any, attention_mask: Any, position_ids: Any) -> Any:
-        """Run this stage's layers for one step of one micro-batch (hidden states or logits out).
+    def forward(self, slot: str, x: Any, attention_mask: Any, position_ids: Any, sample: Any = None) -> Any:
+        """Run this stage's layers for one step of one micro-batch (hidden states out; the last
+        stage returns logits, or with a ``SampleSpec`` only the picked token ids).
 
         Tensors arrive and leave as numpy arrays (``inference._wire``): far cheaper to pickle.
         """
+        from inference._sampling import pick_tokens
+
         t0 = time.perf_counter()
         out = self.compute.forward(slot, from_wire(x), from_wire(attention_mask), from_wire(position_ids),
                                    last_only=self.compute.is_last)
+        if sample is not None and self.compute.is_last:
+            out = pick_tokens(out, sample)
         wire = to_wire(out)
         self.busy_s += time.perf_counter() - t0
         self.calls += 1

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from inference._exceptions import StageError
+from inference._sampling import SampleSpec, pick_tokens
 
 __all__ = ["LocalTransport", "RayTransport", "StageLostError", "StepInput", "ThreadedTransport", "Transport"]
 
@@ -42,6 +43,7 @@ class StepInput:
     input_ids: torch.Tensor  # [B, T] token ids fed this step
     attention_mask: torch.Tensor  # [B, past + T], 1 = real token, 0 = padding
     position_ids: torch.Tensor  # [B, T]
+    sample: SampleSpec | None = None  # the last stage picks tokens ([B]) instead of returning logits
 
 
 @dataclass
@@ -67,7 +69,8 @@ class Transport(ABC):
 
     @abstractmethod
     def fetch(self, handle: Any) -> torch.Tensor:
-        """The last stage's logits [B, 1, V] for a done handle; raises StageLostError."""
+        """For a done handle: the picked tokens [B] when the step had a ``sample`` spec, else the
+        last stage's logits [B, 1, V]; raises StageLostError."""
 
     @abstractmethod
     def drop(self, slot: str) -> None:
@@ -85,7 +88,8 @@ class Transport(ABC):
 
 
 def _run_stage(stage: Any, step: StepInput, x: torch.Tensor) -> torch.Tensor:
-    return stage.forward(step.slot, x, step.attention_mask, step.position_ids, last_only=stage.is_last)
+    out = stage.forward(step.slot, x, step.attention_mask, step.position_ids, last_only=stage.is_last)
+    return pick_tokens(out, step.sample) if stage.is_last and step.sample is not None else out
 
 
 class LocalTransport(Transport):
@@ -206,7 +210,7 @@ class RayTransport(Transport):
         x: Any = to_wire(step.input_ids)
         mask, pos = to_wire(step.attention_mask), to_wire(step.position_ids)
         for handle in self.handles:
-            x = handle.forward.remote(step.slot, x, mask, pos)
+            x = handle.forward.remote(step.slot, x, mask, pos, step.sample)
         return x
 
     def wait(self, handles: list[Any], timeout: float | None = None) -> list[Any]:

@@ -99,3 +99,21 @@ def test_bad_generation_arguments(tiny_llama: Path) -> None:
     t = LocalTransport(_stages(tiny_llama, [0, 4]))
     with pytest.raises(inference.InferenceError, match="at least one token"):
         list(inference.run_generation(t, [[]], max_new_tokens=3))
+
+
+def test_pick_tokens_is_counter_based_and_checks_rows() -> None:
+    logits = torch.randn(3, 1, 50, generator=torch.Generator().manual_seed(0))
+    params = inference.SamplingParams(temperature=1.0, top_k=20)
+    spec = inference.SampleSpec(params, (5, 6, None), (0, 4, 2))
+    a, b = inference.pick_tokens(logits, spec), inference.pick_tokens(logits, spec)
+    assert a[:2].tolist() == b[:2].tolist()  # seeded rows: the same draw every time, anywhere
+    # row 1 alone, as the first row of another micro-batch: the same token (grouping-independent)
+    alone = inference.pick_tokens(logits[1:2], inference.SampleSpec(params, (6,), (4,)))
+    assert alone.tolist() == a[1:2].tolist()
+    # a different token index draws from a different generator
+    draws = {int(inference.pick_tokens(logits[:1], inference.SampleSpec(params, (5,), (n,)))) for n in range(40)}
+    assert len(draws) > 1
+    greedy = inference.SampleSpec(inference.SamplingParams(), (None, None, None), (0, 0, 0))
+    assert inference.pick_tokens(logits, greedy).tolist() == logits[:, -1].argmax(-1).tolist()
+    with pytest.raises(inference.InferenceError, match="sample spec for 2 rows"):
+        inference.pick_tokens(logits, inference.SampleSpec(params, (1, 2), (0, 0)))

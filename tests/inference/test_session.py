@@ -30,7 +30,7 @@ def llama8(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def client(ray_local: Any, hive_home: Path) -> Iterator[hive.Client]:
-    c = hive.init(home=hive_home, heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0)
+    c = hive.init(home=hive_home, heartbeat_interval_s=0.5, heartbeat_timeout_s=10.0)  # a SIGKILL is seen at once; loaded CI machines stall heartbeats
     yield c
     hive.shutdown(stop_cluster=True)
 
