@@ -49,6 +49,19 @@ from hive._tasks import TaskContext, TaskHandle, TaskSpec, TaskStatus, current_t
 
 __version__ = "0.1.0"
 
+# The cross-site gateway imports p2p (py-libp2p: ~0.6 s); load it on first use only.
+_LAZY = {"SiteGateway": "hive._site_gateway", "SiteService": "hive._site_gateway"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hive' has no attribute {name!r}")
+
 
 def submit(task_type: str, payload: Any = None, **options: Any) -> TaskHandle:
     """Submit a task through the current client (see ``Client.submit``)."""
@@ -88,6 +101,8 @@ __all__ = [
     "ReputationBook",
     "ReputationPolicy",
     "RespawnPolicy",
+    "SiteGateway",
+    "SiteService",
     "TaskCancelledError",
     "TaskContext",
     "TaskDeadLetteredError",

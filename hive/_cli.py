@@ -308,8 +308,14 @@ def demo(home: Optional[Path] = HomeOpt,
     run_demo(home=home, quick=quick, console=console)
 
 
-def _load_plugins() -> None:
-    """Mount sub-commands other packages declare under the ``hive.cli`` entry-point group.
+from hive._p2p_cli import app as _p2p_app
+
+app.add_typer(_p2p_app, name="p2p")
+
+
+def _load_plugins(only: str | None = None) -> None:
+    """Mount sub-commands other packages declare under the ``hive.cli`` entry-point group
+    (all of them, or just ``only``).
 
     This keeps the dependency direction: ``inference`` adds ``hive infer`` without hive
     importing it.
@@ -317,17 +323,32 @@ def _load_plugins() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="hive.cli"):
+        if only is not None and ep.name != only:
+            continue
         try:
             app.add_typer(ep.load(), name=ep.name)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
             err.print(f"warning: hive sub-command {ep.name!r} failed to load: {exc}")
 
 
-_load_plugins()
+def _plugins_for(argv: list[str]) -> None:
+    """Load only the plugin the command line names: importing them all (torch, transformers,
+    cma) costs seconds that `hive status` or `hive p2p peers` should not pay."""
+    words = [a for a in argv if not a.startswith("-")]
+    builtin = {c.name or (c.callback.__name__.replace("_", "-") if c.callback else "")
+               for c in app.registered_commands}
+    builtin |= {g.name for g in app.registered_groups if g.name}
+    if words and words[0] in builtin:
+        return
+    _load_plugins(words[0] if words and "--help" not in argv else None)
+    if words and words[0] not in builtin and not any(
+            g.name == words[0] for g in app.registered_groups):
+        _load_plugins()  # not a plugin name either: let typer list every command
 
 
 def main() -> None:
     """Entry point of the ``hive`` console script."""
+    _plugins_for(sys.argv[1:])
     try:
         app()
     except HiveError as exc:

@@ -239,6 +239,7 @@ def test_demo_quick_runs_every_step(tmp_path: Path) -> None:
         "the dead agent is respawned",
         "deploy SmolLM2 over 2 pipeline stages",
         "ask the sharded model",
+        "two sites over p2p exchange events and a tensor",
         "read the EventLog",
     ):
         assert step in out, f"step {step!r} missing\n{explain(demo)}"
