@@ -18,11 +18,13 @@ Example:
 from evolution import tasks
 from evolution._checksum import sha256_dir, verify
 from evolution._config import EvolutionConfig
+from evolution._demonstration import DemonstrationResult, DemonstrationSettings, run_demonstration
 from evolution._evaluator import EvaluationRequest, EvaluationResult, Evaluator
 from evolution._exceptions import (
     ChecksumError,
     EvolutionError,
     MergeError,
+    NonFiniteError,
     RollbackError,
     RunConfigError,
     RunNotFoundError,
@@ -30,7 +32,7 @@ from evolution._exceptions import (
 )
 from evolution._gate import GateDecision, RegressionGate
 from evolution._genome import GenomeLayout
-from evolution._merge import MergeResult, NonFiniteError, merge
+from evolution._merge import MergeResult, merge
 from evolution._recipe import LayerGroup, MergeRecipe, ModelOverride, ModelSpec
 from evolution._result import RoundResult
 from evolution._scheduler import EvolutionScheduler, RecheckReport
@@ -42,6 +44,8 @@ __all__ = [
     "CallableTask",
     "Candidate",
     "ChecksumError",
+    "DemonstrationResult",
+    "DemonstrationSettings",
     "EvaluationRequest",
     "EvaluationResult",
     "Evaluator",
@@ -74,6 +78,7 @@ __all__ = [
     "known_methods",
     "known_strategies",
     "merge",
+    "run_demonstration",
     "sha256_dir",
     "tasks",
     "verify",

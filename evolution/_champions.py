@@ -85,9 +85,13 @@ class ChampionBook:
         )  # fmt: skip
 
     def materialise(self, champ: ChampionRecord) -> ChampionRecord:
-        """Write a stored champion's checkpoint, record its sha256, make it active."""
+        """Write a stored champion's checkpoint, record its sha256, make it active.
+
+        The sha256 is computed by the merge's writer thread as the files are written (a
+        champion's digest is kept and verified, so it is sha256, not the default xxh3).
+        """
         result = merge(MergeRecipe.model_validate(champ.recipe), champ.path, overwrite=True,
-                       progress=False)  # fmt: skip
+                       progress=False, checksum="sha256")  # recorded and verified later  # fmt: skip
         self.store.activate_champion(champ.n, result.sha256)
         self.emit("evolution.champion_promoted", n=champ.n, candidate=champ.candidate_id,
                   path=champ.path, sha256=result.sha256, scores=champ.scores,

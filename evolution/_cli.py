@@ -88,6 +88,7 @@ def merge(
             progress=progress,
             overwrite=overwrite,
             max_shard_bytes=_parse_size(shard_size),
+            checksum="sha256",  # printed below: hash while writing, not by reading it all again
         )
     except EvolutionError as exc:
         _fail(str(exc))

@@ -79,7 +79,7 @@ class EvolutionConfig(BaseModel):
     seed: int = Field(default=0, ge=0)  # strategy seed (and recipe seed for DARE masks)
     evaluators: int | None = Field(default=None, ge=1)  # None: one per GPU, else 2 on CPU
     evaluator_resources: dict[str, float] | None = None  # None: {"GPU": 1} with GPUs, else CPU 1
-    max_in_flight: int | None = Field(default=None, ge=1)  # window of untold candidates; None: 2
+    max_in_flight: int | None = Field(default=None, ge=1)  # max untold candidates; None: evaluators
     tell_order: Literal["ask", "arrival"] = "ask"  # "ask": reproducible; "arrival": no head wait
     max_attempts: int = Field(default=3, ge=1)  # hive attempts per evaluation (evaluator deaths)
 

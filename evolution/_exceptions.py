@@ -6,6 +6,7 @@ Tree::
     └── EvolutionError
         ├── UnknownNameError      unknown merge method / strategy / task name (lists known ones)
         ├── MergeError            mismatched tensors, missing tensors; ``tensor`` names it
+        │   └── NonFiniteError    a merged tensor holds NaN/inf; ``tensor``, ``count``
         ├── ChecksumError         a checkpoint whose sha256 does not match its record
         ├── RunNotFoundError      no evolution run of that name in the hive home; ``name``
         ├── RunConfigError        a run exists under that name with another config; ``name``
@@ -20,6 +21,7 @@ __all__ = [
     "ChecksumError",
     "EvolutionError",
     "MergeError",
+    "NonFiniteError",
     "RollbackError",
     "RunConfigError",
     "RunNotFoundError",
@@ -37,6 +39,10 @@ class UnknownNameError(EvolutionError):
 
 class MergeError(EvolutionError):
     """A merge cannot proceed; ``tensor`` names the offending tensor."""
+
+
+class NonFiniteError(MergeError):
+    """A merged tensor holds NaN or inf; ``tensor`` names it. Reject the candidate and go on."""
 
 
 class ChecksumError(EvolutionError):

@@ -35,8 +35,7 @@ from typing import Any
 
 import torch
 
-from evolution._exceptions import MergeError
-from evolution._merge import NonFiniteError
+from evolution._exceptions import MergeError, NonFiniteError
 from evolution._merge_plan import PlanStep, check_architectures, open_inputs, plan_merge
 from evolution._recipe import MergeRecipe
 

@@ -1,27 +1,35 @@
-"""Streaming merge: one tensor at a time from every input, straight into the output files.
+"""Streaming merge: the inputs piece by piece, straight into the output files.
 
 ``merge(recipe, out_dir)`` checks that the inputs fit together (same architecture, every tensor
 present with the same shape; ``_merge_plan``) before writing anything. Then, for each tensor of
-the template (the base model, or the first model when there is no base), it reads that tensor
-from each input, merges it with the recipe's method in float32, casts it to the output dtype,
-rejects NaN/inf, and hands it to a writer thread that appends it to the output safetensors file
-(whose header was written first, ``_tensor_writer.ShardedWriter``) and hashes it, while the main
-thread goes on with the next tensor.
+the template (the base model, or the first model when there is no base), the recipe's method
+starts a ``PieceMerger`` (``MergeMethod.start``) and the tensor goes through it in pieces of
+``_PIECE_ELEMENTS`` (1 Mi) elements: first the statistics passes the method asks for (TIES
+and breadcrumbs rank each task vector's magnitudes, SLERP takes the norms and the angle — only
+for tensors larger than one piece), then the merge pass, which writes each merged piece into
+an output buffer, casts it to the output dtype, rejects NaN/inf and hands it to a writer thread
+that appends it to the output safetensors file (whose header was written first,
+``_tensor_writer.ShardedWriter``) and hashes it (``_checksum``: xxh3-128 unless
+``checksum="sha256"``). Up to ``_IN_FLIGHT`` (3) written pieces are in flight, so reading,
+merging and writing overlap.
 
-Memory: each input is read into one reusable float32 buffer (bfloat16/float16 inputs are cast
-through a shared 16 MiB staging buffer); the method allocates its float32 temporaries (one
-result for linear/task arithmetic, ~4 plus one per model for TIES/DARE-TIES); the piece being
-written is held once more by the writer thread. Elementwise methods (linear, task_arithmetic;
-``MergeMethod.elementwise``) get large tensors in runs of 4 Mi elements, so they hold about
-``(inputs + 3) x 16 MiB`` whatever the model. The others need a whole tensor at once (a top-k
-threshold, a norm, a seeded mask), so their peak is a small multiple of the largest tensor
-(usually the embedding) per input — still never a whole model. Reusing the buffers matters for
-speed too: fresh pages for each large tensor cost about as much as the arithmetic.
+Inputs are read through private memory maps (``SafetensorsReader.view``): a float32 input is
+merged where the page cache holds it, without a copy; other dtypes are cast piece by piece
+into a reusable float32 buffer. Each finished piece is released from the mapping, and the next
+one prefetched. Methods run tile by tile (``merge_methods._base.tiles``), so their temporaries
+stay in the CPU cache.
+
+Memory: about one piece per input (mapped pages, or the float32 cast buffer), up to
+``_IN_FLIGHT`` output pieces and the methods' per-tile temporaries — ``(inputs + 4) x 4 MiB``
+for float32 whatever the model and whatever the method; a custom method that only implements
+``merge_tensor`` gets whole tensors instead. ``MergeResult.bytes_read`` counts each input
+tensor's bytes once (statistics passes re-read pieces from the page cache on top).
 
 Threads: the arithmetic is memory-bound, so torch's intra-op threads buy little, and on an
 oversubscribed host their OpenMP spin-waits can slow a merge several-fold. Ray workers run with
 ``OMP_NUM_THREADS`` = the task's ``num_cpus`` (1 by default), which suits it; elsewhere on a
-shared host use ``OMP_NUM_THREADS=1`` (or ``torch.set_num_threads(1)``).
+shared host use ``OMP_NUM_THREADS=1`` (or ``torch.set_num_threads(1)``). The writer thread
+(writing, hashing) runs beside it.
 
 The output is staged in a hidden sibling directory and renamed into place at the end, so
 ``out_dir`` either holds a complete checkpoint or nothing; a failed merge (``NonFiniteError``
@@ -35,7 +43,7 @@ Example:
     >>> from evolution._recipe import MergeRecipe
     >>> recipe = MergeRecipe.load("recipes/ties.yaml")                   # doctest: +SKIP
     >>> result = merge(recipe, "/merges/c17")                            # doctest: +SKIP
-    >>> result.sha256, result.seconds                                    # doctest: +SKIP
+    >>> result.digest, result.seconds                                    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -48,15 +56,21 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
-from evolution._checksum import manifest_digest, sha256_file
-from evolution._exceptions import MergeError
+from evolution._checksum import (
+    CHECKSUMS,
+    DEFAULT_CHECKSUM,
+    Checksum,
+    digest_file,
+    manifest_digest,
+    sha256_dir,
+)
+from evolution._exceptions import MergeError, NonFiniteError
 from evolution._merge_plan import (
     MergeInput,
     PlanStep,
@@ -69,18 +83,14 @@ from evolution._recipe import MergeRecipe
 from evolution._tensor_reader import INDEX_FILE
 from evolution._tensor_writer import ShardedWriter
 
-__all__ = ["DEFAULT_MAX_SHARD_BYTES", "RECIPE_FILE", "MergeResult", "NonFiniteError", "merge"]
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "RECIPE_FILE", "MergeResult", "merge"]
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3  # outputs above 2 GiB are sharded
 RECIPE_FILE = "merge_recipe.yaml"  # the recipe, saved beside the merged weights
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 _NOT_COPIED = {INDEX_FILE, "pytorch_model.bin.index.json", RECIPE_FILE}
-_STAGING_BYTES = 16 * 1024**2  # bytes read at a time when an input is cast to float32
-_PIECE_ELEMENTS = 4 * 1024**2  # elementwise methods merge large tensors 4 Mi elements at a time
-
-
-class NonFiniteError(MergeError):
-    """A merged tensor holds NaN or inf; ``tensor`` names it. Reject the candidate and go on."""
+_PIECE_ELEMENTS = 1024**2  # tensors are merged 1 Mi elements (4 MiB of float32) at a time
+_IN_FLIGHT = 3  # merged pieces queued to or being written by the writer thread
 
 
 class MergeResult(BaseModel):
@@ -89,8 +99,9 @@ class MergeResult(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     path: str  # the merged checkpoint directory
-    sha256: str  # digest of the weight files (evolution._checksum.sha256_dir)
-    files: dict[str, str]  # weight file name -> its sha256
+    checksum: Checksum  # digest algorithm: "xxh3_128" (default) or "sha256"
+    digest: str  # digest of the weight files (manifest of ``files``; evolution._checksum)
+    files: dict[str, str]  # weight file name -> its digest
     recipe: MergeRecipe  # the recipe, paths made absolute
     n_tensors: int  # tensors written
     bytes_read: int  # tensor bytes read from all inputs
@@ -99,6 +110,15 @@ class MergeResult(BaseModel):
     read_seconds: float  # reading input tensors and casting them to float32
     merge_seconds: float  # the method, the output cast and the NaN/inf check
     write_seconds: float  # writer thread: writing and hashing (overlaps the other two)
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 digest of the weight files (``evolution.verify`` checks it).
+
+        ``digest`` itself for a ``checksum="sha256"`` merge; otherwise the files are read and
+        hashed now (merge with ``checksum="sha256"`` to have it computed while writing).
+        """
+        return self.digest if self.checksum == "sha256" else sha256_dir(self.path)
 
     @property
     def throughput(self) -> float:
@@ -113,6 +133,7 @@ def merge(
     progress: bool = True,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    checksum: Checksum = DEFAULT_CHECKSUM,
 ) -> MergeResult:
     """Merge the recipe's models into a new checkpoint, one tensor at a time.
 
@@ -122,9 +143,12 @@ def merge(
         progress: show a tqdm progress bar over tensors.
         overwrite: replace a non-empty ``out_dir`` (only after the merge succeeded).
         max_shard_bytes: split the weights into shards of at most this many bytes.
+        checksum: digest computed while writing: "xxh3_128" (fast; candidates, scratch
+            merges) or "sha256" (a checkpoint whose digest is recorded and verified later:
+            champions). See ``evolution._checksum``.
 
     Returns:
-        ``MergeResult``: path, sha256 of the weight files, byte counts and timings.
+        ``MergeResult``: path, digest of the weight files, byte counts and timings.
 
     Raises:
         MergeError: an input path is missing or is not a checkpoint, the inputs have different
@@ -132,12 +156,15 @@ def merge(
             names it), or ``out_dir`` is not empty / is an input.
         NonFiniteError: a merged tensor has NaN/inf (``tensor`` names it); nothing is written.
         UnknownNameError, pydantic.ValidationError: ``recipe`` is a file with an invalid recipe.
+        ValueError: ``checksum`` is not one of "xxh3_128", "sha256".
 
     Example:
         >>> result = merge(MergeRecipe.load("ties.yaml"), "/merges/c17")    # doctest: +SKIP
         >>> AutoModelForCausalLM.from_pretrained(result.path)              # doctest: +SKIP
     """
     started = time.perf_counter()
+    if checksum not in CHECKSUMS:
+        raise ValueError(f"unknown checksum {checksum!r}; use one of {list(CHECKSUMS)}")
     if not isinstance(recipe, MergeRecipe):
         recipe = MergeRecipe.load(recipe)
     recipe = recipe.resolve_paths(Path.cwd())
@@ -152,7 +179,7 @@ def merge(
         staging = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         try:
-            writer = ShardedWriter(staging, [s.out for s in plan], max_shard_bytes)
+            writer = ShardedWriter(staging, [s.out for s in plan], max_shard_bytes, checksum)
             try:
                 loop = _MergeLoop(recipe, template, base, models, plan)
                 loop.run(writer, progress)
@@ -161,16 +188,17 @@ def merge(
             writer.close()
             _copy_support_files(template.path, staging, recipe.dtype)
             recipe.save(staging / RECIPE_FILE)
-            files = dict(writer.sha256)
+            files = dict(writer.digests)
             if (staging / INDEX_FILE).is_file():
-                files[INDEX_FILE] = sha256_file(staging / INDEX_FILE)
+                files[INDEX_FILE] = digest_file(staging / INDEX_FILE, checksum)
             _publish(staging, out, overwrite)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return MergeResult(
         path=str(out),
-        sha256=manifest_digest(files),
+        checksum=checksum,
+        digest=manifest_digest(files, checksum),
         files=files,
         recipe=recipe,
         n_tensors=len(plan),
@@ -186,25 +214,13 @@ def merge(
 # ---------------------------------------------------------------------------- the merge loop
 
 
-@dataclass
-class _Loaded:
-    """One piece of one step's inputs as float32 (views of the reusable buffers)."""
-
-    base: torch.Tensor | None  # the base tensor, when the method takes one
-    tensors: list[torch.Tensor]  # one per model
-    copy: torch.Tensor | None = None  # a non-float tensor copied from the template instead
-
-
 class _MergeLoop:
-    """Read and merge on the calling thread while a writer thread writes the previous piece.
+    """Feed each tensor's pieces through its ``PieceMerger``; a writer thread writes them.
 
-    A piece is a whole tensor, or — for elementwise methods (``MergeMethod.elementwise``) and
-    tensors above ``_PIECE_ELEMENTS`` — a run of consecutive elements of the flattened tensor,
-    so linear/task-arithmetic merges hold a few MiB per input whatever the tensor sizes.
-
-    Each input has one reusable float32 buffer. The writer gets either the method's fresh result
-    or one of two cast buffers used on alternate pieces. (Reading the next piece on a third
-    thread as well measured no faster on a shared 2-core host and doubles the input buffers.)
+    Inputs are flat views of the memory-mapped files (float32 ones used as they are, others
+    cast into one reusable float32 buffer per input). Each merged piece goes into one of
+    ``_IN_FLIGHT`` output buffers used in turn, so the writer thread can still be writing the
+    previous two while this one is merged; a buffer is reused only once its write finished.
     """
 
     def __init__(
@@ -221,104 +237,130 @@ class _MergeLoop:
         self.method = recipe.merge_method
         self.bytes_read = 0
         self.read_s = self.merge_s = self.write_s = 0.0
-        inputs = [(self.base, [s.base_key for s in plan if s.merged])]
-        inputs += [(m, [s.model_keys[i] for s in plan if s.merged]) for i, m in enumerate(models)]
-        self._sizes: list[int] = []  # per slot (0 = base): elements of its largest piece
-        for item, keys in inputs:
-            entries = [] if item is None else [item.reader.entries[k] for k in keys if k]
-            self._sizes.append(max((self._piece(math.prod(e.shape)) for e in entries), default=0))
-        self._buffers: dict[int, torch.Tensor] = {}  # slot -> float32 buffer, made on first use
-        self._staging = torch.empty(_STAGING_BYTES, dtype=torch.uint8)  # for casting reads
+        self._casts: dict[int, torch.Tensor] = {}  # input slot -> float32 cast buffer
+        self._scratch = torch.empty(0)  # float32 result of a piece with another output dtype
+        self._out: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * _IN_FLIGHT
+        self._pending: list[Future[float] | None] = [None] * _IN_FLIGHT
+        self._slot = 0
 
-    def _piece(self, numel: int) -> int:
-        """Elements per piece of a tensor of ``numel`` elements."""
-        return min(numel, _PIECE_ELEMENTS) if self.method.elementwise else numel
+    def _inputs(self, step: PlanStep) -> list[tuple[int, MergeInput, str]]:
+        """(slot, input, key) for each input of ``step``: slot 0 the base, then the models."""
+        items = []
+        if self.base is not None and step.base_key is not None:
+            items.append((0, self.base, step.base_key))
+        items += [(i + 1, m, k) for i, (m, k) in enumerate(zip(self.models, step.model_keys))]
+        return items
 
-    def _read(self, slot: int, item: MergeInput, key: str, first: int, count: int) -> torch.Tensor:
-        """Elements ``first .. first + count`` of input tensor ``key`` as float32."""
-        buffer = self._buffers.get(slot)
-        if buffer is None:
-            buffer = self._buffers[slot] = torch.empty(self._sizes[slot])
-        self.bytes_read += count * item.reader.entries[key].dtype.itemsize
-        return item.reader.read_into(key, buffer[:count], self._staging, first=first)
+    def _load(
+        self, inputs: list[tuple[int, MergeInput, str]], first: int, count: int, piece: int
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Elements ``first .. first + count`` of every input as flat float32 tensors."""
+        started = time.perf_counter()
+        base: torch.Tensor | None = None
+        tensors = []
+        for slot, item, key in inputs:
+            whole = item.reader.view(key, check=first == 0)  # the size check once per tensor
+            view = whole[first : first + count]
+            rest = whole.numel() - first - count
+            if rest > 0:  # not the last piece: have the next one read ahead
+                item.reader.prefetch(key, first + count, min(piece, rest))
+            if view.dtype != torch.float32:
+                buffer = self._casts.get(slot)
+                if buffer is None or buffer.numel() < count:
+                    buffer = self._casts[slot] = torch.empty(max(count, piece))
+                view = buffer[:count].copy_(view)
+            if slot == 0:
+                base = view
+            else:
+                tensors.append(view)
+        self.read_s += time.perf_counter() - started
+        return base, tensors
 
-    def _load(self, step: PlanStep, first: int, count: int) -> _Loaded:
-        """Read one piece of everything ``step`` needs."""
-        start = time.perf_counter()
-        if not step.merged:  # integer/bool tensors: copied from the template as they are
-            copy = self.template.reader.read(step.name)
-            self.bytes_read += copy.nbytes
-            loaded = _Loaded(None, [], copy)
-        else:
-            base_t = None
-            if self.base is not None and step.base_key is not None:
-                base_t = self._read(0, self.base, step.base_key, first, count)
-            tensors = [
-                self._read(i + 1, item, key, first, count)
-                for i, (item, key) in enumerate(zip(self.models, step.model_keys))
-            ]
-            loaded = _Loaded(base_t, tensors)
-        self.read_s += time.perf_counter() - start
-        return loaded
+    def _release(self, inputs: list[tuple[int, MergeInput, str]], first: int, count: int) -> None:
+        for _, item, key in inputs:
+            item.reader.release(key, first, count)
+
+    def _next_buffer(self, nbytes: int) -> torch.Tensor:
+        """The next output buffer (uint8, >= ``nbytes``), once its previous write is done."""
+        self._slot = (self._slot + 1) % _IN_FLIGHT
+        pending = self._pending[self._slot]
+        if pending is not None:
+            self.write_s += pending.result()
+            self._pending[self._slot] = None
+        if self._out[self._slot].numel() < nbytes:
+            self._out[self._slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._out[self._slot][:nbytes]
 
     def run(self, writer: ShardedWriter, progress: bool) -> None:
-        out_buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
-        written: Future[float] | None = None
-        pieces = 0
         bar = tqdm(total=len(self.plan), unit="tensor", desc=f"merge {self.recipe.method}",
                    disable=not progress)  # fmt: skip
         with bar, ThreadPoolExecutor(1, thread_name_prefix="hive-merge-writer") as pool:
-            for step in self.plan:
-                numel = math.prod(step.out.shape)
-                size = self._piece(numel) if step.merged else numel
-                for first in range(0, numel, size) if numel else [0]:
-                    loaded = self._load(step, first, min(size, numel - first))
-                    start = time.perf_counter()
-                    if loaded.copy is not None:
-                        result = loaded.copy
-                    else:
-                        params = self.recipe.params_for(step.name)
-                        result = self.method.merge_tensor(
-                            step.name, loaded.base, loaded.tensors, params
-                        )
-                        if step.out.dtype == torch.float32:
-                            result = self._owned(result, [loaded.base, *loaded.tensors])
-                        else:  # cast into a reusable buffer; the writer may hold the other one
-                            slot = pieces % 2
-                            out_buffers[slot] = _cast(result, step.out.dtype, out_buffers[slot])
-                            result = out_buffers[slot][: result.numel() * step.out.dtype.itemsize]
-                            result = result.view(step.out.dtype).view(loaded.tensors[0].shape)
-                        _check_finite(step, result, self.base, loaded, self.models)
-                    del loaded
-                    self.merge_s += time.perf_counter() - start
-                    if written is not None:
-                        self.write_s += written.result()  # at most one piece in flight
-                    written = pool.submit(_timed_append, writer, step.name, result)
-                    del result
-                    pieces += 1
-                bar.update()
-            if written is not None:
-                self.write_s += written.result()
+            try:
+                for step in self.plan:
+                    if step.merged:
+                        self._merge_step(step, writer, pool)
+                    else:  # integer/bool tensors: copied from the template as they are
+                        copy = self.template.reader.read(step.name)
+                        self.bytes_read += copy.nbytes
+                        self._submit(pool, writer, step.name, copy)
+                    bar.update()
+                for i, pending in enumerate(self._pending):
+                    if pending is not None:
+                        self.write_s += pending.result()
+                        self._pending[i] = None
+            finally:  # after an error, let the writer finish before the files are closed
+                for pending in self._pending:
+                    if pending is not None:
+                        pending.exception()
 
-    def _owned(self, result: torch.Tensor, inputs: list[torch.Tensor | None]) -> torch.Tensor:
-        """``result``, copied if it shares memory with a reusable input buffer.
+    def _submit(
+        self, pool: ThreadPoolExecutor, writer: ShardedWriter, name: str, piece: torch.Tensor
+    ) -> None:
+        self._slot = (self._slot + 1) % _IN_FLIGHT
+        pending = self._pending[self._slot]
+        if pending is not None:
+            self.write_s += pending.result()
+        self._pending[self._slot] = pool.submit(_timed_append, writer, name, piece)
 
-        The next tensor is read into those buffers while the writer thread still holds this
-        one, so a method that returns (a view of) an input must not be written from there.
-        """
-        pointer = result.untyped_storage().data_ptr()
-        if any(t is not None and t.untyped_storage().data_ptr() == pointer for t in inputs):
-            return result.clone()
-        return result
-
-
-def _cast(result: torch.Tensor, dtype: torch.dtype, buffer: torch.Tensor) -> torch.Tensor:
-    """Cast ``result`` into (a grown) ``buffer``; returns the buffer (uint8, >= the bytes)."""
-    nbytes = result.numel() * dtype.itemsize
-    if buffer.numel() < nbytes:
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-    buffer[:nbytes].view(dtype).view(result.shape).copy_(result)
-    return buffer
+    def _merge_step(self, step: PlanStep, writer: ShardedWriter, pool: ThreadPoolExecutor) -> None:
+        numel = math.prod(step.out.shape)
+        params = self.recipe.params_for(step.name)
+        merger = self.method.start(step.name, step.out.shape, _PIECE_ELEMENTS, params)
+        piece = numel if merger.whole else min(numel, _PIECE_ELEMENTS)
+        if piece < numel:
+            piece = max(merger.granule, piece // merger.granule * merger.granule)
+        piece = max(piece, 1)
+        inputs = self._inputs(step)
+        starts = range(0, numel, piece) if numel else [0]
+        for pass_index in range(merger.passes):
+            for first in starts:
+                count = min(piece, numel - first)
+                base, tensors = self._load(inputs, first, count, piece)
+                start = time.perf_counter()
+                merger.observe(pass_index, first, base, tensors)
+                self.merge_s += time.perf_counter() - start
+                self._release(inputs, first, count)
+            merger.end_pass(pass_index)
+        dtype = step.out.dtype
+        for first in starts:
+            count = min(piece, numel - first)
+            base, tensors = self._load(inputs, first, count, piece)
+            self.bytes_read += sum(
+                count * item.reader.entries[key].dtype.itemsize for _, item, key in inputs
+            )
+            start = time.perf_counter()
+            out = self._next_buffer(count * dtype.itemsize).view(dtype)
+            if dtype == torch.float32:
+                merger.merge(first, base, tensors, out)
+            else:  # merge in float32, cast into the output buffer
+                if self._scratch.numel() < count:
+                    self._scratch = torch.empty(piece)
+                merger.merge(first, base, tensors, self._scratch[:count])
+                out.copy_(self._scratch[:count])
+            _check_finite(step, out, self.base, base, tensors, self.models)
+            self.merge_s += time.perf_counter() - start
+            self._release(inputs, first, count)
+            self._pending[self._slot] = pool.submit(_timed_append, writer, step.name, out)
 
 
 def _timed_append(writer: ShardedWriter, name: str, piece: torch.Tensor) -> float:
@@ -331,7 +373,8 @@ def _check_finite(
     step: PlanStep,
     result: torch.Tensor,
     base: MergeInput | None,
-    loaded: _Loaded,
+    base_t: torch.Tensor | None,
+    tensors: list[torch.Tensor],
     models: list[MergeInput],
 ) -> None:
     """Raise ``NonFiniteError`` when ``result`` has NaN/inf (one min/max pass: NaN propagates)."""
@@ -341,8 +384,10 @@ def _check_finite(
     if math.isfinite(float(low)) and math.isfinite(float(high)):
         return
     bad = int((~torch.isfinite(result)).sum())
-    inputs = [(base, loaded.base)] if base is not None else []
-    inputs += list(zip(models, loaded.tensors))
+    inputs: list[tuple[MergeInput | None, torch.Tensor | None]] = []
+    if base is not None:
+        inputs.append((base, base_t))
+    inputs += list(zip(models, tensors))
     culprits = [
         f"{item.label} {item.path}"
         for item, tensor in inputs

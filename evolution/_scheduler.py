@@ -10,6 +10,11 @@ had in flight keep running on the evaluators and are re-attached by idempotency 
 scheduler Agent would have to hold a hive task open for a whole round and would still need
 the same store to resume, with no progress bars in the notebook.
 
+Modules: this facade (creation, evaluations, baseline, reading); ``_scheduler_launch``
+(create/open a run and its store), ``_scheduler_round`` (the search loop),
+``_scheduler_recheck`` (recheck) and ``_champions`` (champion history, materialisation,
+rollback).
+
 Steady state. Up to ``window`` candidates are untold at once (config ``max_in_flight``,
 default the number of evaluators): whenever one finishes, the next candidate goes to
 whichever evaluator is free (hive dispatch + wait-any over the task handles).
@@ -29,7 +34,8 @@ first, pending candidates are re-submitted under their idempotency keys.
 The regression gate and its noise estimate are described in :mod:`evolution._gate`; the
 baseline (champion 0) is the config's ``baseline`` recipe or the search's starting recipe,
 evaluated ``baseline_repeats`` times. A promoted candidate is materialised with the streaming
-``merge()`` to ``<home>/evolution/<name>/champions/<n>/`` and its sha256 recorded.
+``merge(checksum="sha256")`` to ``<home>/evolution/<name>/champions/<n>/`` and its sha256
+recorded.
 ``recheck()`` re-evaluates the champion and the previous good champion (e.g. on new tasks);
 if the champion now fails the gate against it, it is rolled back: the previous champion's
 checkpoint is verified by sha256 (re-merged from its recipe if damaged), made active again,
@@ -46,15 +52,9 @@ Example:
 
 from __future__ import annotations
 
-import json
-import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from pydantic import BaseModel, ConfigDict
-from tqdm.auto import tqdm
 
 import hive
 from evolution._champions import ChampionBook, run_dir
@@ -67,49 +67,25 @@ from evolution._evaluator import (
     default_evaluators,
     default_resources,
 )
-from evolution._exceptions import EvolutionError, RunConfigError, RunNotFoundError
+from evolution._exceptions import EvolutionError
 from evolution._gate import mean_and_noise
 from evolution._recipe import MergeRecipe
 from evolution._result import RoundResult
+from evolution._scheduler_launch import create_or_open, open_existing, store_path
+from evolution._scheduler_recheck import RecheckReport, recheck
+from evolution._scheduler_round import run_search
 from evolution._store import ChampionRecord, RunStore
-from evolution.strategies import Strategy, get_strategy, strategy_from_state
-from evolution.tasks import FitnessTask, task_from_spec
+from evolution.tasks import FitnessTask
 
 __all__ = ["EvolutionScheduler", "RecheckReport", "run_dir", "store_path"]
-
-
-def store_path(home: Path, name: str) -> Path:
-    """``<home>/evolution/<name>.db``."""
-    return home / "evolution" / f"{name}.db"
-
-
-class RecheckReport(BaseModel):
-    """What ``recheck()`` found."""
-
-    model_config = ConfigDict(frozen=True)
-
-    champion: int  # champion number rechecked
-    previous: int | None  # the earlier good champion compared against (None: none exists)
-    champion_scores: dict[str, float]  # its scores now
-    previous_scores: dict[str, float]  # the previous champion's (mean) scores now
-    passed: bool  # the champion still passes the gate against the previous one
-    reasons: tuple[str, ...]  # why not
-    rolled_back: bool  # whether the previous champion was restored
-
-
-def _fingerprint(cfg: EvolutionConfig) -> str:
-    """Config JSON with callable tasks reduced to their function names (pickles vary)."""
-    data = cfg.model_dump(mode="json")
-    for task, obj in zip(data["tasks"], cfg.tasks):
-        if "fn" in task:
-            task["fn"] = getattr(getattr(obj, "fn", None), "__qualname__", "fn")
-    return json.dumps(data, sort_keys=True)
 
 
 class EvolutionScheduler:
     """Drives one evolution run; build it with :meth:`launch` or :meth:`attach`."""
 
-    def __init__(self, name: str, cfg: EvolutionConfig, store: RunStore, client: hive.Client) -> None:
+    def __init__(
+        self, name: str, cfg: EvolutionConfig, store: RunStore, client: hive.Client
+    ) -> None:
         self.name = name  # run name
         self.cfg = cfg  # the run's config (as stored)
         self.store = store  # its lineage store
@@ -124,14 +100,6 @@ class EvolutionScheduler:
         self.champions = ChampionBook(name, self.home, store, self.gate, client, self._event)
 
     # ------------------------------------------------------------------ creation
-
-    @staticmethod
-    def _client(home: str | Path | None, client: hive.Client | None) -> hive.Client:
-        if client is not None:
-            return client
-        if hive.is_initialized():
-            return hive.client()
-        return hive.init(home=home)
 
     @classmethod
     def launch(cls, cfg: EvolutionConfig, name: str, *, home: str | Path | None = None,
@@ -154,25 +122,7 @@ class EvolutionScheduler:
         Example:
             >>> sched = EvolutionScheduler.launch(EvolutionConfig.load("run.yaml"), "demo")  # doctest: +SKIP
         """
-        if not name or "/" in name or name.startswith("."):
-            raise EvolutionError(f"run name {name!r} must be a plain file name", name=name)
-        c = cls._client(home, client)
-        path = store_path(Path(c.config.home), name)
-        store = RunStore.open(path)
-        meta = store.meta()
-        if "config" in meta:
-            if _fingerprint(EvolutionConfig.from_json(meta["config"])) != _fingerprint(cfg):
-                store.close()
-                raise RunConfigError(
-                    f"run {name!r} already exists in {path} with another config; attach to it "
-                    "with EvolutionScheduler.attach(name), or launch under a new name",
-                    name=name,
-                )
-            return cls(name, EvolutionConfig.from_json(meta["config"]), store, c)
-        evaluators = cfg.evaluators or default_evaluators()
-        store.set_meta(run_id=uuid.uuid4().hex[:12], name=name, config=cfg.to_json(),
-                       window=str(cfg.max_in_flight or evaluators), created=str(time.time()))  # fmt: skip
-        return cls(name, cfg, store, c)
+        return cls(name, *create_or_open(cfg, name, home, client))
 
     @classmethod
     def attach(cls, name: str, *, home: str | Path | None = None,
@@ -185,17 +135,7 @@ class EvolutionScheduler:
         Example:
             >>> EvolutionScheduler.attach("demo").resume()                # doctest: +SKIP
         """
-        c = cls._client(home, client)
-        path = store_path(Path(c.config.home), name)
-        if not path.exists():
-            known = sorted(p.stem for p in path.parent.glob("*.db")) if path.parent.exists() else []
-            raise RunNotFoundError(
-                f"no evolution run {name!r} in {path.parent}; known runs: {', '.join(known) or 'none'} "
-                "(start one with EvolutionScheduler.launch / `hive evolve start`)",
-                name=name, home=str(c.config.home),
-            )  # fmt: skip
-        store = RunStore.open(path)
-        return cls(name, EvolutionConfig.from_json(store.meta()["config"]), store, c)
+        return cls(name, *open_existing(name, home, client))
 
     # ------------------------------------------------------------------ evaluators
 
@@ -209,10 +149,16 @@ class EvolutionScheduler:
             self.client.spawn(Evaluator, want - len(live), resources=resources)
         return max(want, len(live))
 
-    def _request(self, cid: str, recipe: MergeRecipe, tasks: Sequence[FitnessTask] | None = None) -> EvaluationRequest:
-        return EvaluationRequest(candidate_id=cid, recipe=recipe, tasks=tuple(tasks or self.cfg.tasks))
+    def _request(
+        self, cid: str, recipe: MergeRecipe, tasks: Sequence[FitnessTask] | None = None
+    ) -> EvaluationRequest:
+        return EvaluationRequest(
+            candidate_id=cid, recipe=recipe, tasks=tuple(tasks or self.cfg.tasks)
+        )
 
-    def _submit(self, cid: str, recipe: MergeRecipe, tasks: Sequence[FitnessTask] | None = None) -> None:
+    def _submit(
+        self, cid: str, recipe: MergeRecipe, tasks: Sequence[FitnessTask] | None = None
+    ) -> None:
         task_id = self.dispatcher.submit(self._request(cid, recipe, tasks))
         self.store.set_task(cid, task_id)
 
@@ -269,13 +215,6 @@ class EvolutionScheduler:
 
     # ------------------------------------------------------------------ the search
 
-    def _strategy(self) -> Strategy[Any]:
-        state = self.store.strategy_state()
-        if state is not None:
-            return strategy_from_state(state)
-        space = self.layout.space(self.layout.from_recipe(self.cfg.baseline))
-        return get_strategy(self.cfg.strategy, space, **self.cfg.strategy_kwargs())
-
     def run_round(self, generations: int | None = None, *, progress: bool = True) -> RoundResult:
         """Run the search until the strategy is done (or ``generations`` more generations).
 
@@ -296,55 +235,7 @@ class EvolutionScheduler:
         """
         self.ensure_evaluators()
         self._ensure_baseline()
-        strategy = self._strategy()
-        target = strategy.settings.max_generations
-        if generations is not None:
-            target = strategy.generation + generations
-            strategy.settings.max_generations = max(target, strategy.settings.max_generations)
-        rows = {c.id: c for c in self.store.candidates("search") if c.tell_seq is None}
-        untold = list(rows)  # ask order
-        if sorted(untold) != sorted(c.id for c in strategy.pending):
-            raise EvolutionError(f"run {self.name!r}: store and strategy state disagree on the "
-                                 "pending candidates; the store is damaged", name=self.name)  # fmt: skip
-        ready = {cid for cid, c in rows.items() if c.status != "pending"}
-        for cid in untold:
-            if cid not in ready and cid not in self.dispatcher:
-                self._submit(cid, MergeRecipe.model_validate(rows[cid].recipe))
-        bar = _GenerationBars(progress, self.cfg.population, strategy.generation)
-
-        def fill() -> None:
-            while len(untold) < self.window and strategy.can_ask and strategy.generation < target:
-                c = strategy.ask()
-                recipe = self.layout.to_recipe(c.genome)
-                self.store.add_candidate(c.id, "search", recipe.to_dict(), generation=c.generation,
-                                         genome=c.genome, parents=c.parents,
-                                         strategy_state=strategy.state_dict())  # fmt: skip
-                untold.append(c.id)
-                self._submit(c.id, recipe)
-
-        def tell(cid: str) -> None:
-            self._tell(strategy, cid)
-            untold.remove(cid)
-            ready.discard(cid)
-            bar.told(strategy.generation)
-            fill()
-
-        fill()
-        try:
-            while untold:
-                if self.cfg.tell_order == "ask":
-                    while untold and untold[0] in ready:
-                        tell(untold[0])
-                else:
-                    for cid in [c for c in untold if c in ready]:
-                        tell(cid)
-                if not untold:
-                    break
-                result = self.dispatcher.wait_any()
-                self._record(result)
-                ready.add(result.candidate_id)
-        finally:
-            bar.close()
+        strategy = run_search(self, generations, progress)
         out = self.result()
         self._event("evolution.round_finished", generation=strategy.generation,
                     evaluations=strategy.evaluations,
@@ -358,27 +249,6 @@ class EvolutionScheduler:
             >>> EvolutionScheduler.attach("demo").resume()                # doctest: +SKIP
         """
         return self.run_round(progress=progress)
-
-    def _tell(self, strategy: Strategy[Any], cid: str) -> None:
-        rec = self.store.candidate(cid)
-        assert rec is not None
-        champion = None
-        if rec.status == "ok":
-            champs = self.champions.all()
-            base = champs[0]
-            current = self.champion()
-            decision = self.gate.check(rec.scores, base.scores, base.noise, current.combined)
-            fitness: float | None = self.gate.penalised(decision, self.cfg.gate_penalty)
-            strategy.tell(cid, fitness)
-            if decision.passed:
-                champion = self.champions.new(cid, rec.recipe, rec.scores, base.noise)
-            self.store.record_tell(cid, fitness, decision.passed, decision.reasons,
-                                   strategy.state_dict(), champion)  # fmt: skip
-        else:
-            strategy.tell(cid, None)
-            self.store.record_tell(cid, None, None, (), strategy.state_dict())
-        if champion is not None:
-            self.champions.materialise(champion)
 
     # ------------------------------------------------------------------ recheck and rollback
 
@@ -395,35 +265,7 @@ class EvolutionScheduler:
         Returns:
             A :class:`RecheckReport`.
         """
-        self.ensure_evaluators()
-        use = tuple(task_from_spec(t) for t in tasks) if tasks else tuple(self.cfg.tasks)
-        active = self.champion()
-        previous = self.champions.previous_good(active)
-        if previous is None:
-            return RecheckReport(champion=active.n, previous=None, champion_scores=active.scores,
-                                 previous_scores={}, passed=True,
-                                 reasons=("no earlier champion to compare with",), rolled_back=False)  # fmt: skip
-        k = len({c.id.split("-")[1] for c in self.store.candidates("recheck")})
-        rows = [(f"recheck-{k}-champion", "recheck", MergeRecipe.model_validate(active.recipe))]
-        rows += [(f"recheck-{k}-previous-{i}", "recheck", MergeRecipe.model_validate(previous.recipe))
-                 for i in range(self.cfg.baseline_repeats)]  # fmt: skip
-        done = self._evaluate_all(rows, use)
-        prev_ok = [r.scores for cid, r in done.items() if "previous" in cid and r.status == "ok"]
-        if not prev_ok:
-            raise EvolutionError(f"recheck of run {self.name!r}: the previous champion fails the "
-                                 "new tasks too; nothing to compare", name=self.name)  # fmt: skip
-        mean, noise = mean_and_noise(prev_ok)
-        champ_row = done[rows[0][0]]
-        scores = champ_row.scores if champ_row.status == "ok" else {}
-        decision = self.gate.check(scores, mean, noise, None)
-        self._event("evolution.recheck", champion=active.n, previous=previous.n, scores=scores,
-                    previous_scores=mean, passed=decision.passed)  # fmt: skip
-        if not decision.passed:
-            self.rollback(f"recheck: champion {active.n} regresses against champion "
-                          f"{previous.n}: " + "; ".join(decision.reasons))  # fmt: skip
-        return RecheckReport(champion=active.n, previous=previous.n, champion_scores=scores,
-                             previous_scores=mean, passed=decision.passed,
-                             reasons=decision.reasons, rolled_back=not decision.passed)  # fmt: skip
+        return recheck(self, tasks)
 
     def champion(self) -> ChampionRecord:
         """The active champion: ``path`` of its checkpoint and its ``sha256``.
@@ -470,26 +312,3 @@ class EvolutionScheduler:
             "champion": None if not active else active[-1].model_dump(include={"n", "candidate_id", "path", "sha256", "combined"}),
             "rollbacks": len(self.store.rollbacks()),
         }  # fmt: skip
-
-
-class _GenerationBars:
-    """One tqdm bar per strategy generation (candidates told of it)."""
-
-    def __init__(self, enabled: bool, per_generation: int, generation: int) -> None:
-        self.enabled, self.total, self.generation = enabled, per_generation, generation
-        self.bar: Any = None
-        self._open()
-
-    def _open(self) -> None:
-        self.bar = tqdm(total=self.total, desc=f"generation {self.generation}", unit="cand",
-                        disable=not self.enabled, leave=True)  # fmt: skip
-
-    def told(self, generation: int) -> None:
-        self.bar.update()
-        if generation != self.generation:
-            self.bar.close()
-            self.generation = generation
-            self._open()
-
-    def close(self) -> None:
-        self.bar.close()

@@ -9,10 +9,16 @@ of one): it indexes a checkpoint directory (``model.safetensors``, or the shards
 one tensor into a fresh (or a given) buffer, and ``read_into`` reads a tensor or a run of its
 elements into a float32 buffer, casting through a small staging buffer.
 
-Why not ``safetensors.safe_open``: it memory-maps the file, and every page touched stays in the
-process RSS until the file is closed, so streaming through three 500 MB models shows 1.5 GB
-resident — reclaimable, but alarming to memory monitors such as Ray's. The writer side is
-``_tensor_writer.ShardedWriter``.
+The streaming merge reads through ``view`` instead: a tensor of the stored dtype over a private
+(copy-on-write) memory map of the file, so float32 inputs are used where the page cache holds
+them, with no copy at all. ``release`` drops a finished piece's pages from the mapping
+(``madvise(MADV_DONTNEED)``) and ``prefetch`` asks for the next piece's (``MADV_WILLNEED``), so
+the process keeps about one piece per input resident. (``safetensors.safe_open`` maps the
+file too but never lets go: every page touched stays in the process RSS until the file is
+closed, 1.5 GB for three 500 MB models — reclaimable, but alarming to memory monitors such as
+Ray's.) A mapped file that shrinks under a running merge would fault (SIGBUS), so ``view``
+checks the file's size first and refuses a truncated file with ``MergeError``. The writer side
+is ``_tensor_writer.ShardedWriter``.
 
 Example:
     >>> with SafetensorsReader.open("/models/a") as ckpt:                 # doctest: +SKIP
@@ -24,13 +30,16 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import torch
+from typing_extensions import Self
 
 from evolution._exceptions import MergeError
 
@@ -122,6 +131,8 @@ class SafetensorsReader:
         self.root = root
         self.entries = entries
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}  # file -> (map, its bytes)
+        self._sizes: dict[str, int] = {}  # file -> size when indexed
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> SafetensorsReader:
@@ -171,7 +182,72 @@ class SafetensorsReader:
                 entries.append(TensorEntry(key, name, DTYPES[code], shape, data_start + begin,
                                            end - begin))  # fmt: skip
         entries.sort(key=lambda e: (e.file, e.offset))
-        return cls(root, {e.name: e for e in entries})
+        reader = cls(root, {e.name: e for e in entries})
+        reader._sizes = {name: (root / name).stat().st_size for name in files}
+        return reader
+
+    def view(self, name: str, *, check: bool = True) -> torch.Tensor:
+        """Tensor ``name``, flattened, in its stored dtype, over a private map of its file.
+
+        Nothing is read until elements are used; pages come from the page cache (or disk) as
+        they are touched and stay mapped until ``release``. Writing to the view changes only
+        this process's copy (copy-on-write), never the file.
+
+        Args:
+            name: tensor key.
+            check: first check that the file has not shrunk since it was indexed (one
+                ``fstat``; the merge checks once per tensor, not once per piece).
+
+        Raises:
+            MergeError: no such tensor, or the file is now shorter than when it was indexed.
+        """
+        entry = self._entry(name)
+        fd = self._fd(entry.file)
+        if check and os.fstat(fd).st_size < self._sizes.get(entry.file, 0):
+            raise MergeError(
+                f"{self.root / entry.file} shrank while it was being merged (tensor "
+                f"{entry.name!r}); another process is rewriting the checkpoint — wait for it",
+                tensor=entry.name,
+                path=str(self.root / entry.file),
+            )
+        count = math.prod(entry.shape)
+        if entry.nbytes == 0:
+            return torch.empty(count, dtype=entry.dtype)
+        mapped = self._maps.get(entry.file)
+        if mapped is None:
+            region = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            with warnings.catch_warnings():  # the map is writable (private): no warning due
+                warnings.simplefilter("ignore")
+                raw = torch.frombuffer(region, dtype=torch.uint8)
+            mapped = self._maps[entry.file] = (region, raw)
+        raw = mapped[1][entry.offset : entry.offset + entry.nbytes]
+        return raw.view(entry.dtype)
+
+    def _advise(self, name: str, first: int, count: int, advice: int) -> None:
+        entry = self._entry(name)
+        mapped = self._maps.get(entry.file)
+        if mapped is None or count <= 0:
+            return
+        page = mmap.PAGESIZE
+        begin = entry.offset + first * entry.dtype.itemsize
+        end = begin + count * entry.dtype.itemsize
+        begin -= begin % page  # madvise wants a page-aligned start
+        try:
+            mapped[0].madvise(advice, begin, end - begin)
+        except (OSError, ValueError):  # advice only: a kernel that refuses it changes nothing
+            pass
+
+    def release(self, name: str, first: int, count: int) -> None:
+        """Drop elements ``first .. first + count`` of ``name`` from this process's memory.
+
+        The pages stay in the page cache; a later ``view`` access maps them again. (Pages
+        shared with a neighbouring piece are dropped too and simply fault back in.)
+        """
+        self._advise(name, first, count, mmap.MADV_DONTNEED)
+
+    def prefetch(self, name: str, first: int, count: int) -> None:
+        """Start reading elements ``first .. first + count`` of ``name`` from disk (async)."""
+        self._advise(name, first, count, mmap.MADV_WILLNEED)
 
     def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Read tensor ``name`` from disk into a CPU tensor of its stored dtype.
@@ -252,11 +328,15 @@ class SafetensorsReader:
             )
         return entry
 
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(self.root / file, os.O_RDONLY)
+        return fd
+
     def _pread(self, entry: TensorEntry, target: torch.Tensor, skip: int) -> None:
         """Fill uint8 ``target`` with ``entry``'s bytes starting ``skip`` bytes into its data."""
-        fd = self._fds.get(entry.file)
-        if fd is None:
-            fd = self._fds[entry.file] = os.open(self.root / entry.file, os.O_RDONLY)
+        fd = self._fd(entry.file)
         view = target.numpy().data  # a writable memoryview of the tensor's memory
         size, done = len(view), 0
         while done < size:
@@ -271,12 +351,18 @@ class SafetensorsReader:
             done += got
 
     def close(self) -> None:
-        """Close the open files."""
+        """Close the open files; a map is unmapped once no tensor views it any more.
+
+        (``mmap.close()`` is never called: ``torch.frombuffer`` does not pin the map, so an
+        explicit close would leave live views dangling. Each view holds a reference to its map,
+        which unmaps when the last view is freed.)
+        """
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> SafetensorsReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -3,29 +3,30 @@
 ``ShardedWriter`` knows every output tensor's dtype and shape up front (from the inputs'
 headers, see ``_tensor_reader``), so it writes each file's header first — 8-byte little-endian
 length, JSON ``{name: {"dtype", "shape", "data_offsets"}}`` padded to 8 bytes — and then the
-tensors (whole, or piece by piece) as they are produced, hashing the bytes (sha256) on the way;
-nothing is buffered. Outputs larger than ``max_shard_bytes`` are split into
+tensors (whole, or piece by piece) as they are produced, hashing the bytes on the way (xxh3-128
+by default, sha256 on request: ``evolution._checksum`` has the rule); nothing is buffered. Outputs larger than ``max_shard_bytes`` are split into
 ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``, as
 ``transformers`` writes them.
 
 Example:
     >>> w = ShardedWriter(out_dir, [OutTensor("w", torch.float32, (2,))], 2 * 1024**3)  # doctest: +SKIP
-    >>> w.write("w", torch.ones(2)); w.close(); w.sha256                  # doctest: +SKIP
+    >>> w.write("w", torch.ones(2)); w.close(); w.digests                 # doctest: +SKIP
     {'model.safetensors': '...'}
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from evolution._checksum import DEFAULT_CHECKSUM, Checksum, new_hash
 from evolution._tensor_reader import INDEX_FILE, IO_CHUNK, SINGLE_FILE, dtype_code
 
 __all__ = ["OutTensor", "ShardedWriter"]
@@ -60,19 +61,29 @@ class ShardedWriter:
     Tensors must be written in the order given to the constructor, whole (``write``) or as
     consecutive pieces (``append``); the plan splits them into
     consecutive shards of at most ``max_shard_bytes`` (a single larger tensor gets a shard of
-    its own). Each file's sha256 is computed from the bytes as they are written.
+    its own). Each file's digest (``checksum``: "xxh3_128" or "sha256") is computed from the
+    bytes as they are written.
 
     Attributes:
         files: output file name -> its tensors, in write order.
-        sha256: output file name -> hex digest, filled in as each file is completed.
+        checksum: the digest algorithm.
+        digests: output file name -> hex digest, filled in as each file is completed.
 
     Example:
         >>> w = ShardedWriter(out, [OutTensor("w", torch.float32, (2,))])   # doctest: +SKIP
         >>> w.write("w", torch.ones(2)); w.close()                         # doctest: +SKIP
     """
 
-    def __init__(self, out_dir: Path, tensors: Sequence[OutTensor], max_shard_bytes: int) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        tensors: Sequence[OutTensor],
+        max_shard_bytes: int,
+        checksum: Checksum = DEFAULT_CHECKSUM,
+    ) -> None:
         self.out_dir = out_dir
+        self.checksum = checksum
+        new_hash(checksum)  # refuses an unknown algorithm before anything is written
         shards: list[list[OutTensor]] = [[]]
         size = 0
         for tensor in tensors:
@@ -82,14 +93,14 @@ class ShardedWriter:
             shards[-1].append(tensor)
             size += tensor.nbytes
         self.files: dict[str, list[OutTensor]] = dict(zip(_shard_names(len(shards)), shards))
-        self.sha256: dict[str, str] = {}
+        self.digests: dict[str, str] = {}
         self.total_bytes = sum(t.nbytes for t in tensors)
         self.bytes_written = 0
         self._queue = [(file, t) for file, shard in self.files.items() for t in shard]
         self._next = 0  # index in _queue of the tensor being written
         self._partial = 0  # bytes of that tensor written so far
         self._fd: int | None = None
-        self._hash: hashlib._Hash | None = None
+        self._hash: Any = None  # the running digest of the open file
         self._file: str | None = None
 
     @property
@@ -110,7 +121,7 @@ class ShardedWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned
         self._fd = os.open(self.out_dir / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._hash = hashlib.sha256()
+        self._hash = new_hash(self.checksum)
         self._file = file
         self._put(memoryview(struct.pack("<Q", len(raw)) + raw))
 
@@ -124,7 +135,7 @@ class ShardedWriter:
     def _finish(self) -> None:
         assert self._fd is not None and self._hash is not None and self._file is not None
         os.close(self._fd)
-        self.sha256[self._file] = self._hash.hexdigest()
+        self.digests[self._file] = self._hash.hexdigest()
         self._fd = self._hash = self._file = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

@@ -31,7 +31,7 @@ class StageActor(hive.Agent):
 
     def __init__(self, checkpoint: str, layer_start: int, layer_end: int, stage: int,
                  dtype: str = "float32", threads: int | None = None) -> None:
-        self.spec = {"checkpoint": checkpoint, "layer_start": layer_start, "layer_end": layer_end,
+        self.spec: dict[str, Any] = {"checkpoint": checkpoint, "layer_start": layer_start, "layer_end": layer_end,
                      "stage": stage, "dtype": dtype}
         self.threads = threads
         self.compute: Any = None

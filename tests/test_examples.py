@@ -86,3 +86,13 @@ def test_evolution_round_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert re.search(r"^champion \d+ \(", out, re.MULTILINE), out
     assert "notebook done" in _text(code[-1])
     assert not list(tmp_path.glob(".hive")), "the notebook must keep hive state in its own home"
+
+
+def test_merge_demonstration_script_parses() -> None:
+    """The script imports and parses its arguments (the run itself is the slow
+    ``tests/evolution/test_demonstration.py``, which calls the same ``run_demonstration``)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(EXAMPLES / "merge_demonstration.py"), "--help"],
+                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    assert "--seeds" in out.stdout and "--root" in out.stdout

@@ -23,14 +23,20 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "MagnitudeRanks",
     "disjoint_merge_",
+    "drop_at_least_",
     "elect_sign",
     "generator",
+    "keep_at_least_",
     "keep_count",
     "random_drop_",
+    "stat_tiles",
     "trim_magnitude_",
     "trim_outliers_",
 ]
+
+STAT_TILE = 1 << 18  # elements per run in statistics passes (bounds their temporaries: 1 MiB)
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -76,6 +82,93 @@ def _step_(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_(min=0.0).sign_()
 
 
+def keep_at_least_(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """In place: zero the entries with ``|delta| < threshold`` (``>= threshold`` survive)."""
+    keep = torch.abs(delta).sub_(_below(threshold))  # > 0 iff |delta| >= threshold
+    return delta.mul_(_step_(keep))
+
+
+def drop_at_least_(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """In place: zero the entries with ``|delta| >= threshold``."""
+    keep = torch.abs(delta).neg_().add_(threshold)  # > 0 iff |delta| < threshold
+    return delta.mul_(_step_(keep))
+
+
+def stat_tiles(count: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` runs of ``STAT_TILE`` elements covering ``0 .. count``."""
+    return [(start, min(start + STAT_TILE, count)) for start in range(0, count, STAT_TILE)]
+
+
+class MagnitudeRanks:
+    """Exact k-th largest values of a non-negative tensor seen whole or in pieces.
+
+    TIES and breadcrumbs trim each task vector at its k-th largest magnitude *per tensor*.
+    A tensor that arrives whole is partitioned in place (``numpy.partition``: O(n), no copy).
+    One that arrives in pieces is ranked exactly by a radix select on its float32 bit patterns
+    (for non-negative floats, the order of the bits as integers is the order of the values):
+    pass 0 counts the top 16 bits of every value (32768 bins), which pins down the bin holding
+    each wanted rank; pass 1 counts the low 16 bits of the values in those bins only, which
+    pins down the exact bit pattern. Both ways give the same float, so a piece-wise merge equals
+    a whole-tensor merge bit for bit. Memory: 256 KiB of counts plus 512 KiB per wanted bin.
+
+    Example:
+        >>> ranks = MagnitudeRanks(4, [1, 3], whole=False)
+        >>> for p in range(ranks.passes):
+        ...     ranks.observe(p, torch.tensor([3.0, 1.0])); ranks.observe(p, torch.tensor([2.0, 5.0]))
+        ...     ranks.end_pass(p)
+        >>> ranks.values
+        [5.0, 2.0]
+    """
+
+    def __init__(self, numel: int, ks: Sequence[int], *, whole: bool) -> None:
+        if any(not 1 <= k <= numel for k in ks):
+            raise ValueError(f"ranks {list(ks)} out of range 1..{numel}")
+        self.ks = list(ks)
+        self.passes = 0 if whole else 2
+        self.values: list[float] = []  # the k-th largest for each k, once known
+        self._high = torch.zeros(1 << 15, dtype=torch.int64)  # counts of the top 16 bits
+        self._bins: list[int] = []  # per k: its top-16-bit bin
+        self._rest: list[int] = []  # per k: its rank among the values of that bin
+        self._low: dict[int, torch.Tensor] = {}  # bin -> counts of the low 16 bits
+
+    def whole(self, magnitude: torch.Tensor) -> None:
+        """Rank a whole tensor at once (its order is destroyed)."""
+        self.values = _kth_largest_(magnitude, self.ks)
+
+    def observe(self, pass_index: int, magnitude: torch.Tensor) -> None:
+        """Count one piece of non-negative float32 values in pass ``pass_index`` (0 or 1)."""
+        bits = magnitude.reshape(-1).view(torch.int32)
+        if pass_index == 0:
+            self._high += torch.bincount(bits >> 16, minlength=1 << 15).cpu()
+            return
+        high = bits >> 16
+        for b, counts in self._low.items():
+            low = bits[high == b] & 0xFFFF
+            counts += torch.bincount(low, minlength=1 << 16).cpu()
+
+    def end_pass(self, pass_index: int) -> None:
+        """Resolve the bins (after pass 0) or the exact values (after pass 1)."""
+        if pass_index == 0:
+            for k in self.ks:
+                b, rest = _rank_in(self._high, k)
+                self._bins.append(b)
+                self._rest.append(rest)
+                self._low.setdefault(b, torch.zeros(1 << 16, dtype=torch.int64))
+            return
+        for b, rest in zip(self._bins, self._rest):
+            low, _ = _rank_in(self._low[b], rest)
+            value = torch.tensor([(b << 16) | low], dtype=torch.int32).view(torch.float32)
+            self.values.append(float(value))
+
+
+def _rank_in(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest value, that value's rank within its bin) from counts."""
+    from_top = counts.flip(0).cumsum(0)  # from_top[j]: values in the top j + 1 bins
+    j = int(torch.searchsorted(from_top, k))  # first j with from_top[j] >= k
+    above = int(from_top[j - 1]) if j else 0
+    return counts.numel() - 1 - j, k - above
+
+
 def trim_magnitude_(delta: torch.Tensor, density: float) -> torch.Tensor:
     """In place: keep the ``density`` fraction of largest-magnitude entries, zero the rest.
 
@@ -89,10 +182,8 @@ def trim_magnitude_(delta: torch.Tensor, density: float) -> torch.Tensor:
     """
     if density >= 1.0 or delta.numel() == 0:
         return delta
-    magnitude = delta.abs()
-    (threshold,) = _kth_largest_(magnitude, [keep_count(density, delta.numel())])
-    keep = torch.abs(delta, out=magnitude).sub_(_below(threshold))  # > 0 iff |delta| >= threshold
-    return delta.mul_(_step_(keep))
+    (threshold,) = _kth_largest_(delta.abs(), [keep_count(density, delta.numel())])
+    return keep_at_least_(delta, threshold)
 
 
 def trim_outliers_(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

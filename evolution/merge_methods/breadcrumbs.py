@@ -35,16 +35,88 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue
-from evolution.merge_methods._sparsify import trim_outliers_
+from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger, tiles
+from evolution.merge_methods._sparsify import (
+    MagnitudeRanks,
+    drop_at_least_,
+    keep_at_least_,
+    keep_count,
+    stat_tiles,
+)
 from evolution.merge_methods.registry import register
 
 __all__ = ["Breadcrumbs"]
+
+
+class _BreadcrumbsMerger(PieceMerger):
+    """Per model: rank |tau| (two statistics passes when in pieces), then mask tile by tile.
+
+    Model ``i`` keeps ``|tau| >= low`` and, with outliers, ``|tau| < high``, where ``low`` is
+    the ``(n_top + n_keep)``-th and ``high`` the ``n_top``-th largest magnitude: the same
+    masks as ``trim_outliers_`` on the whole tensor.
+    """
+
+    def __init__(self, numel: int, piece: int, params: MergeParams) -> None:
+        self.params = params
+        self.single = piece >= numel
+        self.ranks: list[MagnitudeRanks | None] = []  # None: the whole task vector is dropped
+        for density, gamma in zip(params.densities, params.gammas):
+            n_top = round(gamma * numel)
+            n_keep = min(keep_count(density, numel), numel - n_top)
+            ks = [n_top + n_keep, n_top] if n_top > 0 else [n_keep]
+            ok = numel > 0 and n_keep > 0
+            self.ranks.append(MagnitudeRanks(numel, ks, whole=self.single) if ok else None)
+        self.passes = max((r.passes for r in self.ranks if r is not None), default=0)
+
+    def observe(
+        self,
+        pass_index: int,
+        first: int,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+    ) -> None:
+        assert base is not None
+        for ranks, tensor in zip(self.ranks, tensors):
+            if ranks is None:
+                continue
+            for start, stop in stat_tiles(base.numel()):
+                ranks.observe(pass_index, torch.sub(tensor[start:stop], base[start:stop]).abs_())
+
+    def end_pass(self, pass_index: int) -> None:
+        for ranks in self.ranks:
+            if ranks is not None:
+                ranks.end_pass(pass_index)
+
+    def merge(
+        self,
+        first: int,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        out: torch.Tensor,
+    ) -> None:
+        assert base is not None
+        if self.single:
+            for ranks, tensor in zip(self.ranks, tensors):
+                if ranks is not None and not ranks.values:
+                    ranks.whole(torch.sub(tensor, base).abs_())
+        for start, stop in tiles(out.numel(), out.device):
+            b = base[start:stop]
+            total = torch.zeros_like(b)
+            for tensor, weight, ranks in zip(tensors, self.params.weights, self.ranks):
+                if ranks is None:
+                    continue
+                delta = torch.sub(tensor[start:stop], b)
+                low, *high = ranks.values
+                if high:
+                    drop_at_least_(delta, high[0])
+                total.add_(keep_at_least_(delta, low), alpha=weight)
+            torch.add(total.mul_(self.params.number("lambda", 1.0)), b, out=out[start:stop])
 
 
 @register
@@ -77,9 +149,9 @@ class Breadcrumbs(MergeMethod):
         params: MergeParams,
     ) -> torch.Tensor:
         assert base is not None  # needs_base: the merge always passes it
-        total = torch.zeros_like(base)
-        for tensor, weight, density, gamma in zip(
-            tensors, params.weights, params.densities, params.gammas
-        ):
-            total.add_(trim_outliers_(tensor - base, density, gamma), alpha=weight)
-        return total.mul_(params.number("lambda", 1.0)).add_(base)
+        return self.merge_whole(name, base, tensors, params)
+
+    def start(
+        self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams
+    ) -> PieceMerger:
+        return _BreadcrumbsMerger(math.prod(shape), piece, params)

@@ -41,11 +41,39 @@ from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue
+from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger, tiles
 from evolution.merge_methods._sparsify import generator, random_drop_
 from evolution.merge_methods.registry import register
 
 __all__ = ["DareLinear"]
+
+
+class _DareLinearMerger(PieceMerger):
+    """Drop, rescale and sum tile by tile; each model's mask is drawn in element order."""
+
+    def __init__(self, name: str, params: MergeParams) -> None:
+        self.params = params
+        self.generators = [generator(params.seed, name, i) for i in range(len(params.weights))]
+
+    def merge(
+        self,
+        first: int,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        out: torch.Tensor,
+    ) -> None:
+        assert base is not None
+        params = self.params
+        rescale = params.flag("rescale", True)
+        for start, stop in tiles(out.numel(), out.device):
+            b = base[start:stop]
+            total = torch.zeros_like(b)
+            for tensor, weight, density, gen in zip(
+                tensors, params.weights, params.densities, self.generators
+            ):
+                delta = torch.sub(tensor[start:stop], b)
+                total.add_(random_drop_(delta, density, gen, rescale=rescale), alpha=weight)
+            torch.add(total.mul_(params.number("lambda", 1.0)), b, out=out[start:stop])
 
 
 @register
@@ -65,11 +93,9 @@ class DareLinear(MergeMethod):
         params: MergeParams,
     ) -> torch.Tensor:
         assert base is not None  # needs_base: the merge always passes it
-        rescale = params.flag("rescale", True)
-        total = torch.zeros_like(base)
-        for i, (tensor, weight, density) in enumerate(
-            zip(tensors, params.weights, params.densities)
-        ):
-            gen = generator(params.seed, name, i)
-            total.add_(random_drop_(tensor - base, density, gen, rescale=rescale), alpha=weight)
-        return total.mul_(params.number("lambda", 1.0)).add_(base)
+        return self.merge_whole(name, base, tensors, params)
+
+    def start(
+        self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams
+    ) -> PieceMerger:
+        return _DareLinearMerger(name, params)

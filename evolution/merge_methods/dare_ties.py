@@ -33,15 +33,15 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue
-from evolution.merge_methods._sparsify import disjoint_merge_, elect_sign, generator, random_drop_
+from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger
 from evolution.merge_methods.registry import register
-from evolution.merge_methods.ties import check_positive_weights
+from evolution.merge_methods.ties import TiesMerger, check_positive_weights
 
 __all__ = ["DareTies"]
 
@@ -70,17 +70,9 @@ class DareTies(MergeMethod):
         params: MergeParams,
     ) -> torch.Tensor:
         assert base is not None  # needs_base: the merge always passes it
-        rescale = params.flag("rescale", True)
-        deltas = [
-            random_drop_(
-                tensor - base, density, generator(params.seed, name, i), rescale=rescale
-            ).mul_(weight)
-            for i, (tensor, weight, density) in enumerate(
-                zip(tensors, params.weights, params.densities)
-            )
-        ]
-        sign = elect_sign(deltas)
-        merged = disjoint_merge_(
-            deltas, params.weights, sign, normalize=params.flag("normalize", True)
-        )
-        return merged.mul_(params.number("lambda", 1.0)).add_(base)
+        return self.merge_whole(name, base, tensors, params)
+
+    def start(
+        self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams
+    ) -> PieceMerger:
+        return TiesMerger(name, math.prod(shape), piece, params, dare=True)

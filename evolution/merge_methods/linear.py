@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue
+from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger, tiles
 from evolution.merge_methods.registry import register
 
 __all__ = ["Linear"]
@@ -62,9 +62,29 @@ class Linear(MergeMethod):
         tensors: Sequence[torch.Tensor],
         params: MergeParams,
     ) -> torch.Tensor:
+        return self.merge_whole(name, base, tensors, params)
+
+    def start(
+        self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams
+    ) -> PieceMerger:
+        return _LinearMerger(params)
+
+
+class _LinearMerger(PieceMerger):
+    """out = sum_i (w_i * scale) * theta_i, tile by tile (one pass per model over each tile)."""
+
+    def __init__(self, params: MergeParams) -> None:
         scale = 1.0 / sum(params.weights) if params.flag("normalize", True) else 1.0
-        # one pass per model: out = sum_i (w_i * scale) * theta_i
-        out = torch.mul(tensors[0], params.weights[0] * scale)
-        for tensor, weight in zip(tensors[1:], params.weights[1:]):
-            out.add_(tensor, alpha=weight * scale)
-        return out
+        self.factors = [w * scale for w in params.weights]
+
+    def merge(
+        self,
+        first: int,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        out: torch.Tensor,
+    ) -> None:
+        for start, stop in tiles(out.numel(), out.device):
+            o = torch.mul(tensors[0][start:stop], self.factors[0], out=out[start:stop])
+            for tensor, factor in zip(tensors[1:], self.factors[1:]):
+                o.add_(tensor[start:stop], alpha=factor)

@@ -34,7 +34,7 @@ from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue
+from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger, tiles
 from evolution.merge_methods.registry import register
 
 __all__ = ["TaskArithmetic"]
@@ -58,11 +58,37 @@ class TaskArithmetic(MergeMethod):
         params: MergeParams,
     ) -> torch.Tensor:
         assert base is not None  # needs_base: the merge always passes it
+        return self.merge_whole(name, base, tensors, params)
+
+    def start(
+        self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams
+    ) -> PieceMerger:
+        return _TaskArithmeticMerger(params)
+
+
+class _TaskArithmeticMerger(PieceMerger):
+    """Tile by tile: ``lam sum_i w_i theta_i + (1 - lam sum_i w_i) base``.
+
+    That is ``base + lam * sum_i w_i (theta_i - base)`` rearranged into one pass per input and
+    no temporary; the cancellation costs ~len(models) float32 ulps of the weights' magnitude,
+    far below bfloat16/float16 output rounding.
+    """
+
+    def __init__(self, params: MergeParams) -> None:
         lam = params.number("lambda", 1.0)
-        # base + lam * sum_i w_i (theta_i - base) = lam * sum_i w_i theta_i + (1 - lam sum_i w_i) base:
-        # one pass per input and no temporary; the cancellation costs ~len(models) float32 ulps
-        # of the weights' magnitude, far below bfloat16/float16 output rounding.
-        out = torch.mul(tensors[0], lam * params.weights[0])
-        for tensor, weight in zip(tensors[1:], params.weights[1:]):
-            out.add_(tensor, alpha=lam * weight)
-        return out.add_(base, alpha=1.0 - lam * sum(params.weights))
+        self.factors = [lam * w for w in params.weights]
+        self.base_factor = 1.0 - lam * sum(params.weights)
+
+    def merge(
+        self,
+        first: int,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        out: torch.Tensor,
+    ) -> None:
+        assert base is not None
+        for start, stop in tiles(out.numel(), out.device):
+            o = torch.mul(tensors[0][start:stop], self.factors[0], out=out[start:stop])
+            for tensor, factor in zip(tensors[1:], self.factors[1:]):
+                o.add_(tensor[start:stop], alpha=factor)
+            o.add_(base[start:stop], alpha=self.base_factor)

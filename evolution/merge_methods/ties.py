@@ -41,16 +41,26 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue
-from evolution.merge_methods._sparsify import disjoint_merge_, elect_sign, trim_magnitude_
+from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger, tiles
+from evolution.merge_methods._sparsify import (
+    MagnitudeRanks,
+    disjoint_merge_,
+    elect_sign,
+    generator,
+    keep_at_least_,
+    keep_count,
+    random_drop_,
+    stat_tiles,
+)
 from evolution.merge_methods.registry import register
 
-__all__ = ["Ties"]
+__all__ = ["Ties", "TiesMerger"]
 
 
 def check_positive_weights(method: str, params: MergeParams) -> None:
@@ -60,6 +70,84 @@ def check_positive_weights(method: str, params: MergeParams) -> None:
             f"{method} needs positive model weights (a weight scales a model's vote in the sign "
             f"election), got {list(params.weights)}; use task_arithmetic for negation"
         )
+
+
+class TiesMerger(PieceMerger):
+    """TIES (``dare=False``: magnitude trim) or DARE-TIES (``dare=True``: random drop), piece-wise.
+
+    Trimming needs each task vector's k-th largest magnitude over the whole tensor: a tensor
+    in several pieces gets two statistics passes (``MagnitudeRanks``), a tensor in one piece is
+    ranked on the spot. DARE draws its mask from one generator per model in element order, so
+    pieces draw exactly what a whole-tensor draw would. The election and the disjoint mean are
+    per entry and run tile by tile.
+    """
+
+    def __init__(
+        self, name: str, numel: int, piece: int, params: MergeParams, *, dare: bool
+    ) -> None:
+        self.params, self.dare, self.numel = params, dare, numel
+        self.single = piece >= numel
+        self.normalize = params.flag("normalize", True)
+        self.lam = params.number("lambda", 1.0)
+        self.rescale = params.flag("rescale", True)
+        self.ranks: list[MagnitudeRanks | None] = []
+        self.generators = []
+        for i, density in enumerate(params.densities):
+            if dare:
+                self.generators.append(generator(params.seed, name, i) if density < 1.0 else None)
+            elif density < 1.0 and numel:
+                ranks = MagnitudeRanks(numel, [keep_count(density, numel)], whole=self.single)
+                self.ranks.append(ranks)
+                continue
+            self.ranks.append(None)
+        self.passes = max((r.passes for r in self.ranks if r is not None), default=0)
+
+    def observe(
+        self,
+        pass_index: int,
+        first: int,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+    ) -> None:
+        assert base is not None
+        for ranks, tensor in zip(self.ranks, tensors):
+            if ranks is None:
+                continue
+            for start, stop in stat_tiles(base.numel()):
+                ranks.observe(pass_index, torch.sub(tensor[start:stop], base[start:stop]).abs_())
+
+    def end_pass(self, pass_index: int) -> None:
+        for ranks in self.ranks:
+            if ranks is not None:
+                ranks.end_pass(pass_index)
+
+    def merge(
+        self,
+        first: int,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        out: torch.Tensor,
+    ) -> None:
+        assert base is not None
+        if self.single:  # the whole tensor is here: rank it now
+            for ranks, tensor in zip(self.ranks, tensors):
+                if ranks is not None and not ranks.values:
+                    ranks.whole(torch.sub(tensor, base).abs_())
+        weights = self.params.weights
+        for start, stop in tiles(out.numel(), out.device):
+            b = base[start:stop]
+            deltas = []
+            for i, (tensor, weight) in enumerate(zip(tensors, weights)):
+                delta = torch.sub(tensor[start:stop], b)
+                gen, ranks = self.generators[i] if self.dare else None, self.ranks[i]
+                if gen is not None:
+                    random_drop_(delta, self.params.densities[i], gen, rescale=self.rescale)
+                elif ranks is not None:
+                    keep_at_least_(delta, ranks.values[0])
+                deltas.append(delta.mul_(weight))
+            sign = elect_sign(deltas)
+            merged = disjoint_merge_(deltas, weights, sign, normalize=self.normalize)
+            torch.add(merged.mul_(self.lam), b, out=out[start:stop])
 
 
 @register
@@ -82,12 +170,9 @@ class Ties(MergeMethod):
         params: MergeParams,
     ) -> torch.Tensor:
         assert base is not None  # needs_base: the merge always passes it
-        deltas = [
-            trim_magnitude_(tensor - base, density).mul_(weight)
-            for tensor, weight, density in zip(tensors, params.weights, params.densities)
-        ]
-        sign = elect_sign(deltas)
-        merged = disjoint_merge_(
-            deltas, params.weights, sign, normalize=params.flag("normalize", True)
-        )
-        return merged.mul_(params.number("lambda", 1.0)).add_(base)
+        return self.merge_whole(name, base, tensors, params)
+
+    def start(
+        self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams
+    ) -> PieceMerger:
+        return TiesMerger(name, math.prod(shape), piece, params, dare=False)

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from evolution import ChecksumError, MergeError
+from evolution import ChecksumError, MergeError, NonFiniteError
 from evolution._checksum import sha256_dir, verify
-from evolution._merge import RECIPE_FILE, NonFiniteError, merge
+from evolution._merge import RECIPE_FILE, merge
 from evolution._recipe import MergeRecipe
 from tests.evolution.helpers import (
     TinySet,
@@ -265,7 +265,8 @@ def test_missing_model_path_and_non_empty_output_are_refused(
 
 
 def test_checksum_verifies_and_detects_a_changed_byte(llamas: TinySet, out: Path) -> None:
-    result = merge(make_recipe(llamas, "linear"), out, progress=False)
+    result = merge(make_recipe(llamas, "linear"), out, progress=False, checksum="sha256")
+    assert result.checksum == "sha256" and result.digest == result.sha256
     verify(out, result.sha256)
     weights = out / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -334,7 +335,7 @@ def test_bfloat16_inputs_are_cast_piece_by_piece(
     from evolution import _merge
 
     tiny = bfloat16_set(tmp_path / "bf16")
-    monkeypatch.setattr(_merge, "_STAGING_BYTES", 1000)  # many odd-sized pieces per tensor
+    monkeypatch.setattr(_merge, "_PIECE_ELEMENTS", 1000)  # many odd-sized pieces per tensor
     recipe = make_recipe(
         tiny, "ties", models=[{"path": str(p), "density": 0.4} for p in tiny.models]
     )
@@ -347,16 +348,29 @@ def test_bfloat16_inputs_are_cast_piece_by_piece(
     )
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
-def test_elementwise_methods_merge_large_tensors_in_pieces(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_merges_large_tensors_in_pieces_bit_for_bit(
+    llamas: TinySet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
+    """Pieces of 4096 + 8 elements: most tensors split unevenly, with statistics passes."""
     from evolution import _merge
 
-    tiny = bfloat16_set(tmp_path / "bf16")
-    monkeypatch.setattr(_merge, "_PIECE_ELEMENTS", 1000)  # most tensors split, unevenly
-    monkeypatch.setattr(_merge, "_STAGING_BYTES", 600)
-    recipe = make_recipe(tiny, method, dtype="float16")
-    merge(recipe, tmp_path / "out", progress=False)
+    monkeypatch.setattr(_merge, "_PIECE_ELEMENTS", 4096 + 8)
+    recipe = make_recipe(llamas, method, dtype="float16")
+    result = merge(recipe, tmp_path / "out", progress=False)
     assert_same_weights(load_weights(tmp_path / "out"), reference_merge(recipe))
+    whole = merge(recipe, tmp_path / "whole", progress=False, checksum="xxh3_128")
+    assert result.digest == whole.digest  # monkeypatch is still active: same pieces
     load_model(tmp_path / "out")
+
+
+def test_checksum_is_xxh3_by_default_and_sha256_on_request(llamas: TinySet, tmp_path: Path) -> None:
+    recipe = make_recipe(llamas, "linear")
+    fast = merge(recipe, tmp_path / "fast", progress=False)
+    slow = merge(recipe, tmp_path / "slow", progress=False, checksum="sha256")
+    assert fast.checksum == "xxh3_128" and len(fast.digest) == 32
+    assert slow.checksum == "sha256" and slow.digest == sha256_dir(tmp_path / "slow")
+    assert fast.sha256 == slow.digest  # computed from the files on demand
+    with pytest.raises(ValueError, match="unknown checksum 'md5'"):
+        merge(recipe, tmp_path / "bad", progress=False, checksum="md5")  # type: ignore[arg-type]
+    assert not (tmp_path / "bad").exists()

@@ -289,3 +289,113 @@ def test_methods_of_identical_models_give_that_model(name: str) -> None:
     else:
         out = method.merge_tensor("w", None, [model, model], params(2))
     torch.testing.assert_close(out, model)
+
+
+# ----------------------------------------------------------------------------- piece-wise merging
+
+
+def whole_tensor_formula(method: str, name: str, base, tensors, p: MergeParams) -> torch.Tensor:
+    """The methods as they were written before piece-wise merging: one whole tensor at a time."""
+    from evolution.merge_methods._sparsify import (
+        disjoint_merge_,
+        elect_sign,
+        random_drop_,
+        trim_outliers_,
+    )
+
+    lam, normalize = p.number("lambda", 1.0), p.flag("normalize", True)
+    if method in ("ties", "dare_ties"):
+        deltas = []
+        for i, (t, w, d) in enumerate(zip(tensors, p.weights, p.densities)):
+            if method == "ties":
+                deltas.append(trim_magnitude_(t - base, d).mul_(w))
+            else:
+                deltas.append(random_drop_(t - base, d, generator(p.seed, name, i)).mul_(w))
+        merged = disjoint_merge_(deltas, p.weights, elect_sign(deltas), normalize=normalize)
+        return merged.mul_(lam).add_(base)
+    if method in ("dare_linear", "breadcrumbs"):
+        total = torch.zeros_like(base)
+        for i, (t, w, d, g) in enumerate(zip(tensors, p.weights, p.densities, p.gammas)):
+            if method == "dare_linear":
+                total.add_(random_drop_(t - base, d, generator(p.seed, name, i)), alpha=w)
+            else:
+                total.add_(trim_outliers_(t - base, d, g), alpha=w)
+        return total.mul_(lam).add_(base)
+    assert method == "slerp"
+    v0, v1 = tensors
+    t = p.number("t", 0.5)
+    dot = float(torch.dot(v0.reshape(-1), v1.reshape(-1))) / (float(v0.norm()) * float(v1.norm()))
+    omega = math.acos(max(-1.0, min(1.0, dot)))
+    return torch.add(v0 * (math.sin((1 - t) * omega) / math.sin(omega)), v1,
+                     alpha=math.sin(t * omega) / math.sin(omega))  # fmt: skip
+
+
+def feed_pieces(method: str, name: str, base, tensors, p: MergeParams, piece: int) -> torch.Tensor:
+    """What the streaming merge does with one tensor: statistics passes, then the merge pass."""
+    m = get_method(method)
+    numel = tensors[0].numel()
+    merger = m.start(name, tuple(tensors[0].shape), piece, p)
+    if piece < numel:
+        piece = max(merger.granule, piece // merger.granule * merger.granule)
+    runs = [(s, min(s + piece, numel)) for s in range(0, numel, piece)]
+    flat = [t.reshape(-1) for t in tensors]
+    flat_base = None if base is None else base.reshape(-1)
+
+    def cut(s: int, e: int):
+        return None if flat_base is None else flat_base[s:e], [t[s:e] for t in flat]
+
+    for pass_index in range(merger.passes):
+        for s, e in runs:
+            merger.observe(pass_index, s, *cut(s, e))
+        merger.end_pass(pass_index)
+    out = torch.empty(numel)
+    for s, e in runs:
+        merger.merge(s, *cut(s, e), out[s:e])
+    return out.view(tensors[0].shape)
+
+
+PIECEWISE = ["ties", "dare_ties", "dare_linear", "breadcrumbs", "slerp"]
+
+
+@pytest.mark.parametrize("method", PIECEWISE)
+def test_piecewise_methods_equal_their_whole_tensor_formulas(method: str) -> None:
+    gen = torch.Generator().manual_seed(5)
+    shape = (300, 170)  # 51000 entries: several pieces, tiles and SLERP blocks
+    base = torch.randn(shape, generator=gen)
+    models = [base + torch.randn(shape, generator=gen) * s for s in (0.1, 0.2, 0.05)]
+    models[1].view(-1)[:4000] = base.view(-1)[:4000] + 0.125  # many ties at one magnitude
+    n = 2 if method == "slerp" else 3
+    p = params(n, weights=(1.0, 0.6, 0.3)[:n], densities=(0.5, 0.3, 0.7)[:n],
+               gammas=(0.05, 0.1, 0.0)[:n], t=0.3, seed=9)  # fmt: skip
+    name = "model.layers.1.mlp.up_proj.weight"
+    use_base = None if method == "slerp" else base
+    want = whole_tensor_formula(method, name, base, models[:n], p)
+    whole = get_method(method).merge_tensor(name, use_base, models[:n], p)
+    # slerp: the angle now comes from float64 block sums (the float32 dot product rounded);
+    # the others: the same thresholds and masks, the same float ops entry by entry
+    torch.testing.assert_close(whole, want, rtol=1e-6, atol=1e-6)
+    if method != "slerp":
+        assert ((whole == base) == (want == base)).all()  # the same entries kept
+    for piece in (1000, 4096 * 3 + 5, 51000, 10**6):
+        got = feed_pieces(method, name, use_base, models[:n], p, piece)
+        assert torch.equal(got, whole), piece  # bit for bit, whatever the piece size
+
+
+def test_magnitude_ranks_in_pieces_equal_a_whole_tensor_partition() -> None:
+    from evolution.merge_methods._sparsify import MagnitudeRanks
+
+    gen = torch.Generator().manual_seed(1)
+    values = torch.randn(100_003, generator=gen).abs()
+    values[::7] = 0.5  # ties
+    values[:10] = 0.0
+    ks = [1, 2, 1000, 50_000, 99_999, 100_003]
+    whole = MagnitudeRanks(values.numel(), ks, whole=True)
+    whole.whole(values.clone())
+    pieces = MagnitudeRanks(values.numel(), ks, whole=False)
+    for pass_index in range(pieces.passes):
+        for start in range(0, values.numel(), 7777):
+            pieces.observe(pass_index, values[start : start + 7777])
+        pieces.end_pass(pass_index)
+    assert pieces.values == whole.values == [float(values.sort().values[-k]) for k in ks]
+    with pytest.raises(ValueError, match="out of range"):
+        MagnitudeRanks(10, [11], whole=True)

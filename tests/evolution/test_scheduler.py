@@ -296,3 +296,18 @@ def test_status_cli_and_plot_read_the_store(client: hive.Client) -> None:
     matplotlib.use("Agg")
     ax = EvolutionScheduler.attach("round", client=client).result().plot()
     assert ax.get_ylabel().startswith("combined score") and ax.collections
+
+
+def test_generation_bars_open_one_bar_per_generation_told_and_no_empty_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from evolution._scheduler_round import _GenerationBars
+
+    bars = _GenerationBars(True, 2)
+    for generation, now in [(0, 0), (0, 1), (1, 1), (1, 2)]:  # two generations of two, told
+        bars.told(generation, now)
+    bars.close()
+    err = capsys.readouterr().err
+    assert "generation 0" in err and "generation 1" in err
+    assert "generation 2" not in err  # the round ended on a boundary: no bar for generation 2
+    assert "2/2" in err

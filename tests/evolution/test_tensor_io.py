@@ -43,6 +43,25 @@ def test_reader_reads_whole_tensors_and_runs_of_elements(checkpoint: Path) -> No
             reader.read("zz")
 
 
+def test_views_map_tensors_copy_on_write_and_refuse_a_shrunk_file(checkpoint: Path) -> None:
+    file = checkpoint / "model.safetensors"
+    original = file.read_bytes()
+    with SafetensorsReader.open(checkpoint) as reader:
+        a = reader.view("a")
+        assert a.dtype == torch.float32 and torch.equal(a, torch.arange(10.0))
+        assert torch.equal(reader.view("b")[2:5].float(), torch.tensor([2.0, 3, 4]))
+        a[0] = 99.0  # private map: this process's copy only
+        reader.release("a", 0, 10)  # dropped pages come back from the file
+        assert torch.equal(reader.view("a"), torch.arange(10.0))
+        reader.prefetch("a", 5, 5)
+        del a
+        file.write_bytes(original[:-8])
+        with pytest.raises(MergeError, match="shrank while it was being merged"):
+            reader.view("b")
+    file.write_bytes(original)
+    assert file.read_bytes() == original
+
+
 def test_truncated_file_is_refused_naming_the_tensor(checkpoint: Path) -> None:
     file = checkpoint / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-8])
@@ -72,7 +91,7 @@ def test_writer_writes_loadable_shards_in_order_and_checks_the_plan(tmp_path: Pa
         torch.equal(loaded[f"t{i}"], torch.full((3, 4), float(i), dtype=torch.bfloat16))
         for i in range(5)
     )
-    assert (tmp_path / "model.safetensors.index.json").is_file() and len(writer.sha256) == 3
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(writer.digests) == 3
 
 
 def test_writer_close_refuses_missing_tensors(tmp_path: Path) -> None:
