@@ -9,7 +9,23 @@ Settings that differ from py-libp2p's ``GossipSub`` defaults, and why:
 - ``eclipse_protection_enabled=False``: it wants mesh peers from >= 3 distinct IPs, which
   a handful of sites (or loopback) never has; the allowlist is our protection.
 - ``max_messages_per_topic_per_second``: 10 by default; raised (``NodeConfig.gossip_rate``).
-- degrees: ``D = gossip_degree``, ``D_low = max(1, D - 2)``, ``D_high = 2 * D``.
+- degrees: ``D = gossip_degree`` (3), ``D_low = max(1, D - 2)``, ``D_high = 2 * D``: with
+  flood publishing D is only the relay fan-out (see ``NodeConfig.gossip_degree``).
+- flood publishing (``gossip_flood_publish``): our own messages go to every subscribed peer,
+  not just the D in our mesh - one hop to every site of a small mesh; relays still use D.
+- ``prune_back_off`` 60 s -> 5 s, ``unsubscribe_back_off`` 10 s -> 2 s: a site that
+  restarts (or re-subscribes) is grafted again within a few heartbeats, not a minute later.
+
+Loss: py-libp2p queues 32 messages per subscription and 32 RPCs per peer, and drops what
+does not fit. We give both room (``_INBOX``, ``_OUTBOX``) and make local ``publish`` wait for
+room in the peers' send queues (backpressure instead of loss).
+
+Duplicates and restarts: py-libp2p numbers a publisher's messages from ``int(time.time())``
+up, so a site that restarts within N seconds of publishing N+ messages reuses sequence
+numbers and its new messages are dropped everywhere as "seen". We start the counter at
+``time.time_ns()`` instead. And every topic keeps its own record of the last
+``_DEDUP`` (origin, seqno) pairs, so a handler never gets a message twice, even when
+py-libp2p's 120 s seen-cache has forgotten it or a rejoining peer resends its history.
 
 Messages are signed (``strict_signing``) and a message is delivered only if its *origin*
 (not just the peer relaying it) is on the allowlist; others are dropped and recorded.
@@ -18,7 +34,9 @@ Messages are signed (``strict_signing``) and a message is delivered only if its 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +56,11 @@ from p2p._host import Host
 __all__ = ["Gossip", "GossipMessage"]
 
 logger = logging.getLogger(__name__)
+_DEDUP = 1 << 16  # (origin, seqno) pairs remembered per topic
+_INBOX = 10_000  # messages queued per topic for a slow handler (py-libp2p's default: 32)
+_OUTBOX = 1024  # RPCs queued per peer for sending (py-libp2p's default: 32, then drops)
+_ROOM = 64  # a local publish waits while any peer's send queue has fewer free slots...
+_ROOM_WAIT = 5.0  # ...for at most this many seconds (then publishes, risking a drop)
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,39 @@ class GossipMessage:
 
 
 GossipHandler = Callable[[GossipMessage], Awaitable[Any]]
+
+
+class _SmallMeshGossipSub(GossipSub):
+    """GossipSub plus flood publishing of our own messages (gossipsub v1.1 ``flood_publish``)."""
+
+    flood_publish = True
+
+    def _get_peers_to_send(self, topic_ids: Iterable[str], msg_forwarder: ID, origin: ID,
+                           msg_id: bytes | None = None) -> Iterator[ID]:
+        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+        pubsub = self.pubsub
+        if self.flood_publish and pubsub is not None and origin == msg_forwarder == pubsub.my_id:
+            for topic in topic_ids:
+                peers.update(p for p in pubsub.peer_topics.get(topic, ())
+                             if p in self.peer_protocol and p != origin)
+        yield from peers
+
+
+class _Seen:
+    """The last ``size`` (origin, seqno) pairs delivered on a topic."""
+
+    def __init__(self, size: int = _DEDUP) -> None:
+        self._size = size
+        self._keys: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+
+    def first_time(self, key: tuple[bytes, bytes]) -> bool:
+        """Record ``key``; False if it was seen already."""
+        if key in self._keys:
+            return False
+        self._keys[key] = None
+        if len(self._keys) > self._size:
+            self._keys.popitem(last=False)
+        return True
 
 
 class _Reannounce(INotifee):
@@ -91,13 +147,16 @@ class Gossip:
         self._allowlist = allowlist
         self._self = host.peer_id
         degree = config.gossip_degree
-        self.router = GossipSub(
+        self.router = _SmallMeshGossipSub(
             protocols=[PROTOCOL_ID_V11, PROTOCOL_ID], degree=degree,
             degree_low=max(1, degree - 2), degree_high=2 * degree,
             heartbeat_initial_delay=0.1, heartbeat_interval=config.gossip_heartbeat,  # type: ignore[arg-type]
+            prune_back_off=5, unsubscribe_back_off=2,
             adaptive_gossip_enabled=False, eclipse_protection_enabled=False,
             max_messages_per_topic_per_second=config.gossip_rate)
+        self.router.flood_publish = config.gossip_flood_publish
         self.pubsub = Pubsub(host.libp2p, self.router, strict_signing=True)
+        self.pubsub.counter = time.time_ns()  # seqnos stay unique across restarts
         for protocol in self.router.get_protocols():  # re-mount behind the allowlist gate
             host.set_handler(str(protocol), self._serve)
         host.libp2p.get_network().register_notifee(_Reannounce(self))
@@ -135,11 +194,28 @@ class Gossip:
                     await self.pubsub.wait_for_peer(peer, timeout=10)
                 except trio.TooSlowError:
                     return
+                self._deepen(peer)
                 if self.pubsub.topic_ids:
                     hello = self.pubsub.get_hello_packet().SerializeToString()
                     await self.pubsub.message_all_peers(hello)
 
         self._nursery.start_soon(reannounce)
+
+    def _deepen(self, peer: ID) -> None:
+        """Give ``peer``'s outbound RPC queue room for bursts: py-libp2p keeps 32 RPCs per
+        peer and silently drops the rest (150 quick publishes lost ~50)."""
+        queue = self.pubsub.peer_queues.get(peer)
+        if queue is not None:
+            queue._queue.max_size = max(queue._queue.max_size, _OUTBOX)
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure for local publishing: wait while a peer's send queue is nearly full."""
+        queues = list(self.pubsub.peer_queues.values())
+        for queue in queues:  # (a peer may have been added since _deepen ran)
+            queue._queue.max_size = max(queue._queue.max_size, _OUTBOX)
+        with trio.move_on_after(_ROOM_WAIT):
+            while any(len(q) > q._queue.max_size - _ROOM for q in queues):
+                await trio.sleep(0.002)
 
     def _origin_allowed(self, topic: str) -> Callable[[ID, rpc_pb2.Message], bool]:
         def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
@@ -160,13 +236,16 @@ class Gossip:
             raise RuntimeError("gossip is not running")
         await self.unsubscribe(topic)
         self.pubsub.set_topic_validator(topic, self._origin_allowed(topic), False)
-        subscription = await self.pubsub.subscribe(topic)
+        inbox = self._deep_inbox(topic, await self.pubsub.subscribe(topic))
         scope = trio.CancelScope()
         self._readers[topic] = scope
+        seen = _Seen()
 
         async def read() -> None:
             with scope:
-                async for msg in subscription:
+                async for msg in inbox:
+                    if not seen.first_time((msg.from_id, msg.seqno)):
+                        continue
                     message = GossipMessage(topic=topic, data=bytes(msg.data),
                                             origin=ID(msg.from_id).to_base58(),
                                             seqno=int.from_bytes(msg.seqno, "big"))
@@ -177,6 +256,23 @@ class Gossip:
 
         self._nursery.start_soon(read)
 
+    def _deep_inbox(self, topic: str, subscription: Any) -> trio.MemoryReceiveChannel[Any]:
+        """Swap py-libp2p's 32-message subscription queue for a deep one.
+
+        ``Pubsub.notify_subscriptions`` drops a message when the topic's queue is full, and
+        one RPC frame can carry more messages than that, or a handler can lag a burst: 1000
+        messages in a row lost dozens. No checkpoint between ``subscribe`` returning and
+        the swap, so nothing arrives in between; what the old queue holds moves over.
+        """
+        send, receive = trio.open_memory_channel[Any](_INBOX)
+        while True:
+            try:
+                send.send_nowait(subscription.receive_channel.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        self.pubsub.subscribed_topics_send[topic] = send
+        return receive
+
     async def unsubscribe(self, topic: str) -> None:
         """Leave ``topic`` (no-op if not subscribed)."""
         scope = self._readers.pop(topic, None)
@@ -186,7 +282,9 @@ class Gossip:
             self.pubsub.remove_topic_validator(topic)
 
     async def publish(self, topic: str, data: bytes) -> None:
-        """Publish ``data`` on ``topic`` (signed with the site key)."""
+        """Publish ``data`` on ``topic`` (signed with the site key); waits while a peer's send
+        queue is nearly full rather than letting py-libp2p drop the message."""
+        await self._wait_for_room()
         await self.pubsub.publish(topic, data)
 
     def topic_peers(self, topic: str) -> list[str]:

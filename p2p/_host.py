@@ -214,19 +214,22 @@ class Host:
             learned = []
         return known + [a for a in learned if str(a) not in {str(k) for k in known}]
 
-    def _live_connection(self, peer_id: str) -> INetConn | None:
+    def live_connection(self, peer_id: str) -> INetConn | None:
+        """An open connection to ``peer_id``, or ``None``."""
         for conn in self.libp2p.get_network().get_connections(ID.from_base58(peer_id)):
             if not conn.is_closed:
                 return conn
         return None
 
-    async def connect(self, peer_id: str, addrs: list[Multiaddr] | None = None) -> None:
+    async def connect(self, peer_id: str, addrs: list[Multiaddr] | None = None,
+                      timeout: float | None = None) -> None:
         """Make sure a secured connection to ``peer_id`` is up (one dial per peer at a time).
 
         Args:
             peer_id: the peer to reach; must be on the allowlist.
             addrs: addresses to try (in order) if not connected; default: the allowlist entry's
                 ``addrs`` and what the peerstore learned.
+            timeout: seconds per address (default ``NodeConfig.dial_timeout``).
 
         Raises:
             PeerNotAllowedError: ``peer_id`` is not on the allowlist.
@@ -245,7 +248,7 @@ class Host:
                 f"Node.allow(SitePeer(peer_id=...)) or NodeConfig.peers", peer_id=peer_id)
         lock = self._dial_locks.setdefault(peer_id, trio.Lock())
         async with lock:
-            if self._live_connection(peer_id) is not None:
+            if self.live_connection(peer_id) is not None:
                 return
             candidates = addrs or self._addrs_for(peer_id)
             if not candidates:
@@ -255,28 +258,26 @@ class Host:
             errors: list[P2PError] = []
             for addr in candidates:
                 try:
-                    await self._dial_once(peer_id, addr)
+                    await self._dial_once(peer_id, addr, timeout or self._config.dial_timeout)
                     return
-                except PeerIdMismatchError as err:
-                    errors.append(err)
-                except DialError as err:
+                except (DialError, P2PTimeoutError) as err:  # try the next address
                     errors.append(err)
             mismatch = [e for e in errors if isinstance(e, PeerIdMismatchError)]
             raise (mismatch or errors)[0]
 
-    async def _dial_once(self, peer_id: str, addr: Multiaddr) -> None:
+    async def _dial_once(self, peer_id: str, addr: Multiaddr, timeout: float) -> None:
         pid = ID.from_base58(peer_id)
         full = f"{addr}/p2p/{peer_id}"
         try:
-            with trio.fail_after(self._config.dial_timeout):
+            with trio.fail_after(timeout):
                 conn = await self.libp2p.get_network().dial_addr(addr, pid)
                 event = getattr(conn, "event_started", None)
                 if event is not None:
                     await event.wait()
         except trio.TooSlowError as err:
-            raise P2PTimeoutError(f"dialing {full} took longer than NodeConfig.dial_timeout="
-                                  f"{self._config.dial_timeout}s", peer_id=peer_id,
-                                  address=full, timeout=self._config.dial_timeout) from err
+            raise P2PTimeoutError(f"dialing {full} took longer than {timeout:g}s (NodeConfig."
+                                  "dial_timeout / reconnect_dial_timeout)", peer_id=peer_id,
+                                  address=full, timeout=timeout) from err
         except Exception as err:  # classified below and re-raised as ours
             for cause in _causes(err):
                 if isinstance(cause, PeerMismatch):
@@ -302,7 +303,7 @@ class Host:
         try:
             return await self.libp2p.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except Exception as err:
-            if self._live_connection(peer_id) is None:
+            if self.live_connection(peer_id) is None:
                 raise DialError(f"connection to {peer_id} closed while opening a {protocol} "
                                 "stream", peer_id=peer_id, address=None) from err
             raise ProtocolError(f"peer {peer_id} does not serve {protocol} ({err})",

@@ -1,4 +1,5 @@
-"""The trio side of a node: the host plus the hive protocols mounted on it.
+"""The trio side of a node: the host plus the hive protocols mounted on it, and the link
+keeping (reconnector, liveness pings, membership view).
 
 Everything here runs in the node's network thread; :class:`~p2p.Node` reaches it through
 ``p2p/_bridge.py``.
@@ -16,9 +17,14 @@ from p2p._config import NodeConfig
 from p2p._exceptions import NodeClosedError
 from p2p._gossip import Gossip, GossipHandler
 from p2p._host import Host, split_peer_addr
+from p2p._liveness import Liveness
+from p2p._membership import Membership
 from p2p._messages import TensorHeader
+from p2p._reconnect import Reconnector
 from p2p._rpc import RPC_PROTOCOL, RpcClient, RpcServer, TrioHandler
-from p2p._tensors import TENSOR_PROTOCOL, Mangle, TensorServer, TransferStats, send_transfer
+from p2p._tensor_recv import TensorServer
+from p2p._tensor_send import send_transfer
+from p2p._tensors import TENSOR_PROTOCOL, Mangle, TransferStats
 from p2p._util import collapse_groups
 
 __all__ = ["Mesh"]
@@ -43,6 +49,9 @@ class Mesh:
                                     max_idle_age=min(30.0, config.rpc_idle_timeout / 4))
         self.tensors = TensorServer(config, self.host.admit)
         self.host.set_handler(TENSOR_PROTOCOL, self.tensors.handle_stream)
+        self.membership = Membership(config.degraded_rtt_factor, config.degraded_rtt_min)
+        self.reconnector = Reconnector(self.host, allowlist, self.membership, config)
+        self.liveness = Liveness(self.host, self.membership, config)
         self._gossip: Gossip | None = None  # made in serve(): py-libp2p's Pubsub starts a thread
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -54,6 +63,9 @@ class Mesh:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.host.run)
                     await nursery.start(self._gossip.run)
+                    await nursery.start(self.reconnector.run)
+                    await nursery.start(self.liveness.run)
+                    await nursery.start(self.tensors.run)
                     task_status.started()
         finally:
             self._gossip.stop_threads()
@@ -67,6 +79,8 @@ class Mesh:
 
     async def close(self) -> None:
         """Close idle RPC streams, then every connection (before the loop is cancelled)."""
+        self.reconnector.stop()
+        await self.liveness.close()
         await self.rpc_client.close()
         await self.host.close()
 
@@ -86,6 +100,7 @@ class Mesh:
         """Dial ``addr`` (``.../p2p/<peer-id>``); returns the peer id."""
         peer_id, transport = split_peer_addr(addr)
         await self.host.connect(peer_id, [transport])
+        self.reconnector.keep(peer_id)
         return peer_id
 
     async def ensure_connected(self, peer_id: str) -> None:
@@ -93,8 +108,18 @@ class Mesh:
         await self.host.connect(peer_id)
 
     async def disconnect(self, peer_id: str) -> None:
-        """Close every connection to ``peer_id``."""
+        """Close every connection to ``peer_id`` and stop redialing it until
+        :meth:`connect`."""
+        self.reconnector.park(peer_id)
         await self.host.disconnect(peer_id)
+
+    async def keep(self, peer_id: str) -> None:
+        """Keep a link to ``peer_id`` (after ``Node.allow`` of a peer with addresses)."""
+        self.reconnector.keep(peer_id)
+
+    async def ping(self, peer_id: str, timeout: float) -> float:
+        """One liveness round trip to ``peer_id``; the RTT in seconds."""
+        return await self.liveness.ping(peer_id, timeout)
 
     def register(self, method: str, handler: TrioHandler) -> None:
         """Serve RPC ``method`` with a trio handler."""
@@ -108,8 +133,11 @@ class Mesh:
 
     async def send_tensors(self, peer_id: str, header: TensorHeader, data: bytes,
                            timeout: float | None, mangle: Mangle | None = None) -> TransferStats:
-        """Send prepared safetensors bytes (see :func:`p2p._tensors.send_transfer`)."""
+        """Send prepared safetensors bytes, resuming after dropped links (see
+        :func:`p2p._tensor_send.send_transfer`)."""
         return await send_transfer(self.host, peer_id, header, data,
                                    window=self.config.tensor_window,
                                    retries=self.config.tensor_retries,
-                                   timeout=timeout or self.config.tensor_timeout, mangle=mangle)
+                                   timeout=timeout or self.config.tensor_timeout,
+                                   resume_attempts=self.config.tensor_resume_attempts,
+                                   backoff=self.reconnector.backoff, mangle=mangle)

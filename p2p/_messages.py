@@ -1,9 +1,10 @@
 """Wire messages of the hive protocols: frozen pydantic models, validated on arrival.
 
 Every frame payload of ``/hive/rpc/1.0.0`` is one JSON envelope (:data:`RpcEnvelope`);
-the control frames of ``/hive/tensors/1.0.0`` are :class:`TensorHeader`, :class:`ChunkAck`
-and :class:`TransferDone`. Unknown fields are refused (``extra="forbid"``) so a newer peer
-sending something this version does not understand fails loudly, not silently.
+the control frames of ``/hive/tensors/1.1.0`` are :class:`TensorHeader`,
+:class:`TransferResume`, :class:`ChunkAck` and :class:`TransferDone`. Unknown fields are
+refused (``extra="forbid"``) so a newer peer sending something this version does not
+understand fails loudly, not silently.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ __all__ = [
     "RpcReply",
     "RpcRequest",
     "RpcResponse",
+    "TensorControl",
     "TensorHeader",
     "TensorInfo",
-    "TensorControl",
     "TransferDone",
+    "TransferResume",
     "parse_control",
     "parse_header",
     "parse_reply",
@@ -106,6 +108,8 @@ class TensorHeader(BaseModel):
 
     ``size`` bytes of safetensors data follow in ``chunks`` chunks of ``chunk_size`` bytes
     (the last may be shorter); ``blake2b`` (hex, 32-byte digest) covers all of it.
+    ``attempt`` > 0 marks a resumed transfer (same ``transfer_id`` after the link dropped):
+    the receiver answers with :class:`TransferResume` before any chunk is sent.
     """
 
     model_config = _FROZEN
@@ -118,6 +122,19 @@ class TensorHeader(BaseModel):
     blake2b: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     tensors: tuple[TensorInfo, ...] = ()
     metadata: dict[str, str] = Field(default_factory=dict)
+    attempt: Annotated[int, Field(ge=0, le=1000)] = 0
+
+
+ChunkRange = tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]]
+
+
+class TransferResume(BaseModel):
+    """Receiver -> sender, first answer to a resumed header: the chunks it already verified,
+    as half-open ``[start, end)`` index ranges (the sender sends only the rest)."""
+
+    model_config = _FROZEN
+    kind: Literal["resume"] = "resume"
+    have: tuple[ChunkRange, ...] = ()
 
 
 class ChunkAck(BaseModel):
@@ -143,12 +160,12 @@ class TransferDone(BaseModel):
     chunk: Annotated[int, Field(ge=0)] | None = None
 
 
-TensorControl = Annotated[ChunkAck | TransferDone, Field(discriminator="kind")]
-_CONTROL: TypeAdapter[ChunkAck | TransferDone] = TypeAdapter(TensorControl)
+TensorControl = Annotated[ChunkAck | TransferDone | TransferResume, Field(discriminator="kind")]
+_CONTROL: TypeAdapter[ChunkAck | TransferDone | TransferResume] = TypeAdapter(TensorControl)
 _HEADER = TypeAdapter(TensorHeader)
 
 
-def parse_control(raw: bytes) -> ChunkAck | TransferDone:
+def parse_control(raw: bytes) -> ChunkAck | TransferDone | TransferResume:
     """Validate a receiver -> sender frame of the tensor stream."""
     return _CONTROL.validate_json(raw)
 

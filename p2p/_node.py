@@ -19,12 +19,13 @@ from p2p._allowlist import Allowlist, DeniedCallback, DeniedEvent, SitePeer
 from p2p._bridge import TrioPortal
 from p2p._config import NodeConfig
 from p2p._exceptions import NodeClosedError
+from p2p._membership import Member, MembershipCallback, MembershipEvent
 from p2p._mesh import Mesh
 from p2p._messages import TensorHeader
 from p2p._safetensors import to_safetensors
 from p2p._tensors import TransferStats, prepare_transfer
 
-__all__ = ["Node"]
+__all__ = ["Node", "open_mesh"]
 
 _GRACE = 5.0  # seconds a blocking call waits beyond the operation's own timeout
 
@@ -114,8 +115,11 @@ class Node:
 
     # ------------------------------------------------------------------ allowlist
     def allow(self, peer: SitePeer) -> None:
-        """Put ``peer`` on the allowlist (takes effect for the next connection)."""
+        """Put ``peer`` on the allowlist (takes effect for the next connection); with
+        ``addrs`` the node dials it and keeps the link up."""
         self.allowlist.add(peer)
+        if peer.addrs and self._portal.running:
+            self._portal.submit(self._mesh.keep, peer.peer_id)
 
     def disallow(self, peer_id: str) -> None:
         """Take ``peer_id`` off the allowlist and close its connections (blocking)."""
@@ -130,6 +134,43 @@ class Node:
     def denied(self) -> list[DeniedEvent]:
         """The refusals recorded so far, oldest first."""
         return self.allowlist.denied()
+
+    # ------------------------------------------------------------------ membership
+    def members(self) -> list[Member]:
+        """Every site this node keeps a link to or has seen: state (``connected``,
+        ``degraded``, ``unreachable``), last RTT, last seen, redial addresses."""
+        return self._mesh.membership.members()
+
+    def on_membership(self, callback: MembershipCallback) -> None:
+        """Call ``callback(MembershipEvent)`` on every member state change (from the network
+        thread: keep it quick). ``event.partition`` / ``event.healed`` flag partitions."""
+        self._mesh.membership.on_change(callback)
+
+    def membership_events(self) -> list[MembershipEvent]:
+        """The member state changes recorded so far, oldest first."""
+        return self._mesh.membership.events()
+
+    def ping(self, peer_id: str, timeout: float | None = None) -> float:
+        """One liveness round trip to ``peer_id`` (connecting first if needed).
+
+        Args:
+            peer_id: an allowlisted peer.
+            timeout: seconds to wait for the answer (default ``NodeConfig.ping_timeout``).
+
+        Returns:
+            The round-trip time in seconds (also recorded in :meth:`members`).
+
+        Raises:
+            P2PTimeoutError: no answer in time. DialError, PeerNotAllowedError.
+        """
+        budget = timeout or self.config.ping_timeout
+        return self._portal.run(self._mesh.ping, peer_id, budget,
+                                timeout=budget + self.config.dial_timeout + _GRACE)
+
+    async def aping(self, peer_id: str, timeout: float | None = None) -> float:
+        """Awaitable :meth:`ping`."""
+        return await self._portal.arun(self._mesh.ping, peer_id,
+                                       timeout or self.config.ping_timeout)
 
     # ------------------------------------------------------------------ connections
     def connect(self, addr: str) -> str:
@@ -151,7 +192,8 @@ class Node:
         return await self._portal.arun(self._mesh.connect, addr)
 
     def disconnect(self, peer_id: str) -> None:
-        """Close every connection to ``peer_id`` (blocking; no-op when not connected)."""
+        """Close every connection to ``peer_id`` and stop redialing it until the next
+        :meth:`connect` (blocking; no-op when not connected)."""
         self._portal.run(self._mesh.disconnect, peer_id, timeout=self.config.close_timeout)
 
     async def adisconnect(self, peer_id: str) -> None:
@@ -196,6 +238,9 @@ class Node:
         """Awaitable :meth:`call` (cancelling the awaiting task cancels the call)."""
         return await self._portal.arun(self._mesh.call, peer_id, method, params,
                                        timeout or self.config.rpc_timeout)
+
+    request = call  # the mesh API's name: ``mesh.request(site, method, params)``
+    arequest = acall
 
     # ------------------------------------------------------------------ tensors
     def on_tensors(self, handler: Callable[..., Any], *,
@@ -288,3 +333,15 @@ class Node:
     def topic_peers(self, topic: str) -> list[str]:
         """Connected peers known to be subscribed to ``topic`` (to wait for a mesh to form)."""
         return self._mesh.gossip.topic_peers(topic) if self._portal.running else []
+
+
+def open_mesh(config: NodeConfig) -> Node:
+    """Start a node for ``config``: listen, then dial and keep a link to every allowlisted
+    site with an address. Close it with ``node.close()`` (or use it as a context manager).
+    Returns the started :class:`Node`; raises :class:`P2PError` if it cannot listen.
+
+    Example:
+        >>> mesh = open_mesh(NodeConfig(identity=load_identity(d), peers=(site_b,)))  # doctest: +SKIP
+        >>> mesh.request(site_b.peer_id, "status", {})                                 # doctest: +SKIP
+    """
+    return Node(config).start()

@@ -1,12 +1,14 @@
-"""The tensor stream ``/hive/tensors/1.0.0`` (trio side): safetensors bytes, chunked.
+"""The tensor stream ``/hive/tensors/1.1.0``: safetensors bytes, chunked, resumable.
 
-One transfer per stream. Sender -> receiver::
+One transfer attempt per stream. Sender -> receiver::
 
-    frame: TensorHeader (JSON)           name, size, chunk_size, chunks, blake2b, tensors
+    frame: TensorHeader (JSON)           transfer_id, name, size, chunk_size, chunks, blake2b,
+                                         tensors, attempt
     frame: >II index, crc32 | data       one per chunk (resent on request), in any order
 
 Receiver -> sender::
 
+    frame: TransferResume {have}         only when attempt > 0: chunks it already verified
     frame: ChunkAck {index, ok}          per chunk: ok, or "checksum failed, resend"
     frame: TransferDone {ok, result}     after the whole blake2b matched and the handler ran
 
@@ -16,6 +18,14 @@ flow control bounds what is buffered underneath). A chunk whose CRC32 fails is r
 again, at most ``retries`` times, then the transfer fails with :class:`~p2p.ChecksumError`.
 The size is checked against ``max_tensor_bytes`` from the header before anything is
 allocated. The whole-transfer blake2b is computed as contiguous chunks arrive.
+
+Resumption: the receiver keeps the verified chunks of an interrupted transfer, keyed by
+sender + ``transfer_id`` + size + digest, for ``tensor_resume_ttl`` seconds (and a finished
+transfer's reply, so a resent header never runs the handler twice). When the link drops
+mid-body, the sender reconnects (backoff) and sends the header again with ``attempt`` + 1;
+the receiver answers with what it has, and only the rest is sent
+(:attr:`TransferStats.resumed_bytes`). Receiver: ``p2p/_tensor_recv.py``; sender:
+``p2p/_tensor_send.py``.
 """
 
 from __future__ import annotations
@@ -23,38 +33,24 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-import time
 import uuid
-import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import trio
-from pydantic import JsonValue, ValidationError
+from pydantic import JsonValue
 
-from p2p._config import NodeConfig
-from p2p._exceptions import ChecksumError, P2PTimeoutError, ProtocolError, RemoteError
-from p2p._frames import FrameStream
-from p2p._host import Host
-from p2p._messages import (
-    ChunkAck,
-    TensorHeader,
-    TensorInfo,
-    TransferDone,
-    parse_control,
-    parse_header,
-)
+from p2p._messages import ChunkAck, TensorHeader, TensorInfo, TransferDone, TransferResume
 from p2p._safetensors import describe, load_numpy, load_torch
-from p2p._util import close_quietly, collapse_groups
 
-__all__ = ["TENSOR_PROTOCOL", "ReceivedTensors", "TensorServer", "TransferStats",
-           "prepare_transfer", "send_transfer"]
+__all__ = ["MAX_CHUNK", "TENSOR_PROTOCOL", "Mangle", "ReceivedTensors", "TransferStats",
+           "encode_control", "prepare_transfer"]
 
-TENSOR_PROTOCOL = "/hive/tensors/1.0.0"
+TENSOR_PROTOCOL = "/hive/tensors/1.1.0"
 MAX_CHUNK = 16 << 20  # largest chunk a receiver accepts, whatever the sender's setting
 _HEAD = struct.Struct(">II")  # chunk index, CRC32 of the chunk's data
-_CONTROL_FRAME = 1 << 20  # header / ack / done frames
+CONTROL_FRAME = 1 << 20  # header / resume / ack / done frames
+Mangle = Callable[[int, int, bytes], bytes]
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,18 @@ class ReceivedTensors:
 
 @dataclass(frozen=True)
 class TransferStats:
-    """How a completed outgoing transfer went; ``result`` is the receiver handler's reply."""
+    """How a completed outgoing transfer went; ``result`` is the receiver handler's reply.
+
+    Attributes:
+        bytes: the transfer's size. chunks: how many chunks it was cut in.
+        retransmits: chunks resent because their CRC32 failed at the receiver.
+        seconds: wall time, all attempts included. result: the receiving handler's reply.
+        bytes_sent: chunk bytes written, resends included (== ``bytes`` when nothing failed).
+        resent_bytes: chunk bytes written more than once (bad CRC, or in flight when the
+            link dropped).
+        resumed_bytes: bytes the receiver still held after a dropped link, so never resent.
+        resumes: how often the link dropped and the transfer resumed.
+    """
 
     transfer_id: str
     bytes: int
@@ -92,10 +99,10 @@ class TransferStats:
     retransmits: int
     seconds: float
     result: JsonValue = None
-
-
-TensorHandler = Callable[[ReceivedTensors], Awaitable[JsonValue]]
-Mangle = Callable[[int, int, bytes], bytes]
+    bytes_sent: int = 0
+    resent_bytes: int = 0
+    resumed_bytes: int = 0
+    resumes: int = 0
 
 
 def prepare_transfer(data: bytes, chunk_size: int, name: str = "") -> TensorHeader:
@@ -111,194 +118,6 @@ def prepare_transfer(data: bytes, chunk_size: int, name: str = "") -> TensorHead
                         tensors=infos, metadata=metadata)
 
 
-def _json(model: ChunkAck | TransferDone | TensorHeader) -> bytes:
+def encode_control(model: ChunkAck | TransferDone | TransferResume | TensorHeader) -> bytes:
+    """A control frame's payload (JSON)."""
     return model.model_dump_json().encode()
-
-
-class TensorServer:
-    """Receives transfers and hands each completed one to the registered handler."""
-
-    def __init__(self, config: NodeConfig, admit: Callable[[str, str], bool]) -> None:
-        self._config = config
-        self._admit = admit
-        self.handler: TensorHandler | None = None
-
-    async def handle_stream(self, stream: Any, peer: str) -> None:
-        """Serve one transfer; any protocol violation resets only this stream."""
-        frames = FrameStream(stream, _CONTROL_FRAME, peer)
-        try:
-            with trio.fail_after(self._config.tensor_timeout):
-                done = await self._receive(frames, peer)
-            await frames.write_frame(_json(done))
-        except (ProtocolError, ValidationError, trio.TooSlowError):
-            await close_quietly(stream, reset=True)
-            return
-        await close_quietly(stream, reset=False)
-
-    def _refusal(self, header: TensorHeader) -> str | None:
-        if header.size > self._config.max_tensor_bytes:
-            return (f"{header.size} bytes exceed this node's max_tensor_bytes="
-                    f"{self._config.max_tensor_bytes}")
-        if header.chunk_size > MAX_CHUNK:
-            return f"chunk_size {header.chunk_size} exceeds {MAX_CHUNK}"
-        if header.chunks != math.ceil(header.size / header.chunk_size):
-            return f"{header.chunks} chunks cannot hold {header.size} bytes"
-        if self.handler is None:
-            return "this node receives no tensors (no on_tensors handler)"
-        return None
-
-    async def _receive(self, frames: FrameStream, peer: str) -> TransferDone:
-        raw = await frames.read_frame()
-        if raw is None:
-            raise ProtocolError(f"{peer} closed the tensor stream before its header")
-        header = parse_header(raw)
-        refusal = self._refusal(header)
-        if refusal is not None:
-            return TransferDone(ok=False, error_type="Refused", error=refusal)
-        size, step, count = header.size, header.chunk_size, header.chunks
-        frames.max_frame = _HEAD.size + step
-        buf = bytearray(size)  # allocated only after the size check
-        view = memoryview(buf)
-        have, failures = bytearray(count), [0] * count
-        digest, hashed, missing = hashlib.blake2b(digest_size=32), 0, count
-        while missing:
-            raw = await frames.read_frame()
-            if raw is None or len(raw) < _HEAD.size:
-                raise ProtocolError(f"tensor transfer from {peer} ended with {missing} of "
-                                    f"{count} chunks missing", peer_id=peer)
-            index, crc = _HEAD.unpack_from(raw)
-            if index >= count:
-                raise ProtocolError(f"chunk {index} of {count} from {peer}", peer_id=peer)
-            if not self._admit(peer, TENSOR_PROTOCOL):
-                raise ProtocolError(f"{peer} left the allowlist mid-transfer", peer_id=peer)
-            chunk = memoryview(raw)[_HEAD.size:]
-            start = index * step
-            if len(chunk) != min(step, size - start) or zlib.crc32(chunk) != crc:
-                failures[index] += 1
-                if failures[index] > self._config.tensor_retries:
-                    return TransferDone(ok=False, error_type="ChecksumError", chunk=index,
-                                        error=f"chunk {index} failed its CRC32 "
-                                              f"{failures[index]} times")
-                await frames.write_frame(_json(ChunkAck(index=index, ok=False)))
-                continue
-            if not have[index]:
-                view[start:start + len(chunk)] = chunk
-                have[index], missing = 1, missing - 1
-                while hashed < count and have[hashed]:  # hash the contiguous prefix
-                    digest.update(view[hashed * step:(hashed + 1) * step])
-                    hashed += 1
-            await frames.write_frame(_json(ChunkAck(index=index, ok=True)))
-        if digest.hexdigest() != header.blake2b:
-            return TransferDone(ok=False, error_type="DigestMismatch",
-                                error="every chunk passed its CRC32 but the blake2b differs")
-        data = bytes(buf)
-        del view, buf
-        tensors, metadata = describe(data)
-        if tensors != header.tensors or metadata != header.metadata:
-            return TransferDone(ok=False, error_type="HeaderMismatch",
-                                error="the safetensors header differs from the transfer header")
-        received = ReceivedTensors(peer_id=peer, transfer_id=header.transfer_id,
-                                   name=header.name, metadata=metadata, tensors=tensors,
-                                   data=data)
-        assert self.handler is not None
-        try:
-            result = await self.handler(received)
-            return TransferDone(ok=True, result=result)
-        except Exception as err:  # noqa: BLE001 - reported to the sender; receiver carries on
-            return TransferDone(ok=False, error_type=type(err).__name__, error=str(err)[:65536])
-
-
-async def send_transfer(host: Host, peer_id: str, header: TensorHeader, data: bytes, *,
-                        window: int, retries: int, timeout: float,
-                        mangle: Mangle | None = None) -> TransferStats:
-    """Send ``data`` (described by ``header``) to ``peer_id``; return once it was received.
-
-    Args:
-        mangle: fault injection for tests: ``mangle(index, attempt, chunk)`` returns the
-            bytes actually sent for that chunk.
-
-    Raises:
-        ChecksumError: a chunk kept failing its CRC32.
-        RemoteError: the receiver refused the transfer or its handler failed.
-        P2PTimeoutError: not done within ``timeout``.
-        ProtocolError, StreamResetError, PeerNotAllowedError, DialError.
-    """
-    started = time.perf_counter()
-    view, step, count = memoryview(data), header.chunk_size, header.chunks
-    attempts, outstanding = [0] * count, set()
-    slots = trio.Semaphore(window)
-    resend_in, resend_out = trio.open_memory_channel[int](math.inf)
-    stream: Any = None
-
-    async def write_chunk(frames: FrameStream, index: int) -> None:
-        chunk: bytes | memoryview = view[index * step:(index + 1) * step]
-        crc = zlib.crc32(chunk)
-        if mangle is not None:
-            chunk = mangle(index, attempts[index], bytes(chunk))
-        outstanding.add(index)
-        await frames.write_frame(b"".join((_HEAD.pack(index, crc), chunk)))  # one copy
-
-    async def writer(frames: FrameStream) -> None:
-        following = 0
-        while True:
-            await slots.acquire()
-            try:
-                index = resend_out.receive_nowait()
-            except trio.WouldBlock:
-                if following < count:
-                    index, following = following, following + 1
-                else:  # all sent once: wait for resend requests (or the end)
-                    slots.release()
-                    index = await resend_out.receive()
-                    await slots.acquire()
-            await write_chunk(frames, index)
-
-    async def reader(frames: FrameStream) -> TransferDone:
-        while True:
-            raw = await frames.read_frame()
-            if raw is None:
-                raise ProtocolError(f"{peer_id} closed the tensor stream before it was done",
-                                    peer_id=peer_id)
-            msg = parse_control(raw)
-            if isinstance(msg, TransferDone):
-                return msg
-            if msg.index >= count or msg.index not in outstanding:
-                raise ProtocolError(f"{peer_id} acknowledged chunk {msg.index}, never sent",
-                                    peer_id=peer_id)
-            outstanding.discard(msg.index)
-            slots.release()
-            if not msg.ok:
-                attempts[msg.index] += 1
-                if attempts[msg.index] > retries:
-                    raise ChecksumError(f"chunk {msg.index} to {peer_id} failed its CRC32 "
-                                        f"{attempts[msg.index]} times", chunk=msg.index,
-                                        peer_id=peer_id)
-                resend_in.send_nowait(msg.index)
-
-    try:
-        with trio.fail_after(timeout):
-            stream = await host.open_stream(peer_id, TENSOR_PROTOCOL)
-            frames = FrameStream(stream, _CONTROL_FRAME, peer_id)
-            await frames.write_frame(_json(header))
-            with collapse_groups():
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(writer, frames)
-                    done = await reader(frames)
-                    nursery.cancel_scope.cancel()
-    except trio.TooSlowError as err:
-        await close_quietly(stream, reset=True)
-        raise P2PTimeoutError(f"tensor transfer to {peer_id} took longer than {timeout:g}s",
-                              peer_id=peer_id, timeout=timeout) from err
-    except BaseException:
-        await close_quietly(stream, reset=True)
-        raise
-    await close_quietly(stream, reset=False)
-    if not done.ok:
-        message = f"tensor transfer to {peer_id} failed: {done.error_type}: {done.error}"
-        if done.error_type == "ChecksumError":
-            raise ChecksumError(message, peer_id=peer_id, chunk=done.chunk)
-        raise RemoteError(message, peer_id=peer_id, remote_type=done.error_type,
-                          remote_message=done.error)
-    return TransferStats(transfer_id=header.transfer_id, bytes=header.size, chunks=count,
-                         retransmits=sum(attempts), seconds=time.perf_counter() - started,
-                         result=done.result)
