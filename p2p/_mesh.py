@@ -24,7 +24,7 @@ from p2p._reconnect import Reconnector
 from p2p._rpc import RPC_PROTOCOL, RpcClient, RpcServer, TrioHandler
 from p2p._tensor_recv import TensorServer
 from p2p._tensor_send import send_transfer
-from p2p._tensors import TENSOR_PROTOCOL, Mangle, TransferStats
+from p2p._tensors import TENSOR_BULK_PROTOCOL, TENSOR_PROTOCOL, Mangle, TransferStats
 from p2p._util import collapse_groups
 
 __all__ = ["Mesh"]
@@ -49,6 +49,7 @@ class Mesh:
                                     max_idle_age=min(30.0, config.rpc_idle_timeout / 4))
         self.tensors = TensorServer(config, self.host.admit)
         self.host.set_handler(TENSOR_PROTOCOL, self.tensors.handle_stream)
+        self.host.set_handler(TENSOR_BULK_PROTOCOL, self.tensors.handle_bulk_stream)
         self.membership = Membership(config.degraded_rtt_factor, config.degraded_rtt_min)
         self.reconnector = Reconnector(self.host, allowlist, self.membership, config)
         self.liveness = Liveness(self.host, self.membership, config)
@@ -140,4 +141,7 @@ class Mesh:
                                    retries=self.config.tensor_retries,
                                    timeout=timeout or self.config.tensor_timeout,
                                    resume_attempts=self.config.tensor_resume_attempts,
-                                   backoff=self.reconnector.backoff, mangle=mangle)
+                                   backoff=self.reconnector.backoff, mangle=mangle,
+                                   bulk=(self.config.tensor_bulk_timeout,
+                                         self.config.tensor_bulk_buffer)
+                                   if self.config.tensor_bulk else None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import socket
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import trio
 from pydantic import JsonValue, ValidationError
 
+from p2p import _bulk
 from p2p._config import NodeConfig
 from p2p._exceptions import P2PError, ProtocolError
 from p2p._frames import FrameStream
@@ -27,7 +29,7 @@ from p2p._messages import ChunkAck, TensorHeader, TransferDone, TransferResume, 
 from p2p._safetensors import describe
 from p2p._tensors import _HEAD, CONTROL_FRAME, MAX_CHUNK, TENSOR_PROTOCOL, ReceivedTensors
 from p2p._tensors import encode_control as _json
-from p2p._util import close_quietly
+from p2p._util import close_quietly, collapse_groups
 
 __all__ = ["TensorHandler", "TensorServer"]
 
@@ -71,6 +73,11 @@ class _Partial:
             return
         start = index * self.step
         self.buf[start:start + len(chunk)] = chunk
+        self.mark(index)
+
+    def mark(self, index: int) -> None:
+        """Chunk ``index`` is verified and already in place in ``buf`` (the bulk channel
+        decrypts into it); extend the digest over the contiguous prefix."""
         self.have[index], self.missing = 1, self.missing - 1
         while self.hashed < self.count and self.have[self.hashed]:
             self.digest.update(memoryview(self.buf)[self.hashed * self.step:
@@ -90,13 +97,25 @@ class TensorServer:
         self._admit = admit
         self.handler: TensorHandler | None = None
         self._partials: dict[tuple[str, str, int, int, str], _Partial] = {}
+        self.bulk_transfers = 0  # attempts whose body came over the bulk channel
+        self.bulk_refused = 0  # bulk connections closed because their hello did not verify
+        # test hook: called with each bulk listener before its port is offered
+        self.bulk_listening: Callable[[socket.socket], None] | None = None
 
     async def handle_stream(self, stream: Any, peer: str) -> None:
+        """Serve one ``/hive/tensors/1.1.0`` attempt (body in-stream)."""
+        await self._serve(stream, peer, bulk=False)
+
+    async def handle_bulk_stream(self, stream: Any, peer: str) -> None:
+        """Serve one ``/hive/tensors/1.2.0`` attempt (body on the bulk channel if possible)."""
+        await self._serve(stream, peer, bulk=True)
+
+    async def _serve(self, stream: Any, peer: str, bulk: bool) -> None:
         """Serve one transfer attempt; any protocol violation resets only this stream."""
         frames = FrameStream(stream, CONTROL_FRAME, peer)
         try:
             with trio.fail_after(self._config.tensor_timeout):
-                done = await self._receive(frames, peer)
+                done = await self._receive(frames, peer, bulk)
             await frames.write_frame(_json(done))
         except (P2PError, ValidationError, trio.TooSlowError):
             await close_quietly(stream, reset=True)
@@ -154,7 +173,7 @@ class TensorServer:
         return part
 
     # ------------------------------------------------------------------ one attempt
-    async def _receive(self, frames: FrameStream, peer: str) -> TransferDone:
+    async def _receive(self, frames: FrameStream, peer: str, bulk: bool) -> TransferDone:
         raw = await frames.read_frame()
         if raw is None:
             raise ProtocolError(f"{peer} closed the tensor stream before its header")
@@ -166,18 +185,24 @@ class TensorServer:
         with trio.CancelScope() as scope:
             part = await self._claim(key, header, scope)
             try:
-                return await self._fill(frames, peer, header, part, key)
+                return await self._fill(frames, peer, header, part, key, bulk)
             finally:
                 part.owner, part.touched = None, trio.current_time()
                 part.released.set()
         raise ProtocolError(f"a resumed transfer from {peer} took over this stream")
 
     async def _fill(self, frames: FrameStream, peer: str, header: TensorHeader,
-                    part: _Partial, key: tuple[str, str, int, int, str]) -> TransferDone:
+                    part: _Partial, key: tuple[str, str, int, int, str],
+                    bulk: bool) -> TransferDone:
         if header.attempt > 0:
             await frames.write_frame(_json(TransferResume(have=part.ranges())))
         if part.done is not None:
             return part.done
+        channel = await self._negotiate(frames, peer) if bulk else None
+        if channel is not None:
+            failed = await self._fill_bulk(frames, peer, part, key, *channel)
+            if failed is not None:
+                return failed
         frames.max_frame = _HEAD.size + part.step
         while part.missing:
             raw = await frames.read_frame()
@@ -208,6 +233,89 @@ class TensorServer:
         if not part.done.ok and part.done.error_type in ("DigestMismatch", "HeaderMismatch"):
             self._partials.pop(key, None)
         return part.done
+
+    async def _negotiate(self, frames: FrameStream,
+                         peer: str) -> tuple[socket.socket, Any, bytes] | None:
+        """Offer the bulk channel; the authenticated connection, or None to go in-stream."""
+        listener = None
+        if self._config.tensor_bulk:
+            try:
+                listener = _bulk.listen(_bulk.listen_host(self._config.listen))
+            except OSError:
+                listener = None
+        if listener is None:
+            await frames.write_frame(_json(_bulk.BulkOffer(port=0)))
+            return None
+        try:
+            session, port = _bulk.BulkSession(), listener.getsockname()[1]
+            if self.bulk_listening is not None:
+                self.bulk_listening(listener)
+            await frames.write_frame(_json(_bulk.BulkOffer(
+                port=port, session=session.session.hex(),
+                public_key=session.public.hex())))
+            raw = await frames.read_frame()
+            if raw is None:
+                raise ProtocolError(f"{peer} closed the tensor stream before answering the "
+                                    "bulk offer", peer_id=peer)
+            accept = _bulk.parse_accept(raw)
+            if not accept.public_key:
+                return None
+            theirs = bytes.fromhex(accept.public_key)
+            aead = session.derive(theirs, peer, self._config.identity.peer_id, session.public,
+                                  theirs)
+
+            def refused() -> None:
+                self.bulk_refused += 1
+
+            conn = await _bulk.run_guarded(
+                lambda: _bulk.accept_authenticated(listener, aead, session.session,
+                                                   self._config.tensor_bulk_buffer, refused),
+                lambda: _bulk.shutdown(listener))
+            return conn, aead, session.session
+        finally:
+            _bulk.shutdown(listener)
+
+    async def _fill_bulk(self, frames: FrameStream, peer: str, part: _Partial,
+                         key: tuple[str, str, int, int, str], conn: socket.socket,
+                         aead: Any, session: bytes) -> TransferDone | None:
+        """Take chunk records off the bulk connection (a worker thread decrypts each into
+        place) and acknowledge them on the stream. None once every chunk is in."""
+        self.bulk_transfers += 1
+        send, receive = trio.open_memory_channel[Any](math.inf)
+        post = _bulk.poster(send)
+        with collapse_groups():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_bulk.run_guarded,
+                                   lambda: _bulk.receive_records(conn, aead, session, part, post),
+                                   lambda: _bulk.shutdown(conn))
+                try:
+                    return await self._bulk_acks(frames, peer, part, key, receive)
+                finally:
+                    nursery.cancel_scope.cancel()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _bulk_acks(self, frames: FrameStream, peer: str, part: _Partial,
+                         key: tuple[str, str, int, int, str],
+                         receive: trio.MemoryReceiveChannel[Any]) -> TransferDone | None:
+        while True:
+            item = await receive.receive()
+            if item is None:
+                return None
+            if isinstance(item, BaseException):
+                raise ProtocolError(f"bulk connection from {peer} failed with {part.missing} of "
+                                    f"{part.count} chunks missing: {item!r}",
+                                    peer_id=peer) from item
+            index, ok = item
+            if not self._admit(peer, TENSOR_PROTOCOL):
+                raise ProtocolError(f"{peer} left the allowlist mid-transfer", peer_id=peer)
+            if not ok:
+                part.failures[index] += 1
+                if part.failures[index] > self._config.tensor_retries:
+                    self._partials.pop(key, None)
+                    return TransferDone(ok=False, error_type="ChecksumError", chunk=index,
+                                        error=f"chunk {index} failed its CRC32 "
+                                              f"{part.failures[index]} times")
+            await frames.write_frame(_json(ChunkAck(index=index, ok=ok)))
 
     async def _finish(self, peer: str, header: TensorHeader, part: _Partial) -> TransferDone:
         if part.digest.hexdigest() != header.blake2b:

@@ -1,5 +1,10 @@
 """The tensor stream ``/hive/tensors/1.1.0``: safetensors bytes, chunked, resumable.
 
+``/hive/tensors/1.2.0`` is the same exchange, except that the chunk frames go over a direct
+TCP connection as ChaCha20-Poly1305 records, negotiated on this stream (``p2p/_bulk.py``);
+the acks and the final reply stay on the stream. Either side can decline (no port / no
+connection within ``tensor_bulk_timeout``): then the chunks follow on the stream as below.
+
 One transfer attempt per stream. Sender -> receiver::
 
     frame: TensorHeader (JSON)           transfer_id, name, size, chunk_size, chunks, blake2b,
@@ -38,15 +43,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import JsonValue
+from pydantic import BaseModel, JsonValue
 
-from p2p._messages import ChunkAck, TensorHeader, TensorInfo, TransferDone, TransferResume
+from p2p._messages import TensorHeader, TensorInfo
 from p2p._safetensors import describe, load_numpy, load_torch
 
-__all__ = ["MAX_CHUNK", "TENSOR_PROTOCOL", "Mangle", "ReceivedTensors", "TransferStats",
+__all__ = ["MAX_CHUNK", "TENSOR_BULK_PROTOCOL", "TENSOR_PROTOCOL", "Mangle", "ReceivedTensors", "TransferStats",
            "encode_control", "prepare_transfer"]
 
 TENSOR_PROTOCOL = "/hive/tensors/1.1.0"
+# 1.1.0 plus the bulk channel (p2p/_bulk.py): after the header (and resume), the receiver
+# offers a direct TCP port and the body goes there as ChaCha20-Poly1305 records.
+TENSOR_BULK_PROTOCOL = "/hive/tensors/1.2.0"
 MAX_CHUNK = 16 << 20  # largest chunk a receiver accepts, whatever the sender's setting
 _HEAD = struct.Struct(">II")  # chunk index, CRC32 of the chunk's data
 CONTROL_FRAME = 1 << 20  # header / resume / ack / done frames
@@ -91,6 +99,7 @@ class TransferStats:
             link dropped).
         resumed_bytes: bytes the receiver still held after a dropped link, so never resent.
         resumes: how often the link dropped and the transfer resumed.
+        bulk_bytes: chunk bytes sent over the direct bulk channel (0: all went in-stream).
     """
 
     transfer_id: str
@@ -103,6 +112,7 @@ class TransferStats:
     resent_bytes: int = 0
     resumed_bytes: int = 0
     resumes: int = 0
+    bulk_bytes: int = 0
 
 
 def prepare_transfer(data: bytes, chunk_size: int, name: str = "") -> TensorHeader:
@@ -118,6 +128,6 @@ def prepare_transfer(data: bytes, chunk_size: int, name: str = "") -> TensorHead
                         tensors=infos, metadata=metadata)
 
 
-def encode_control(model: ChunkAck | TransferDone | TransferResume | TensorHeader) -> bytes:
+def encode_control(model: BaseModel) -> bytes:
     """A control frame's payload (JSON)."""
     return model.model_dump_json().encode()

@@ -29,7 +29,8 @@ def relayed_pair(make_node: Callable[..., Node], reset_after: int,
     b = make_node(ib, peers=(peer_of(ia),), reconnect=False)
     relay = Relay(int(b.addrs[0].split("/tcp/")[1].split("/")[0]), reset_after=reset_after)
     a = make_node(ia, peers=(SitePeer(peer_id=ib.peer_id, addrs=(relay.addr,)),),
-                  learn_addrs=False, tensor_chunk=128 * KiB, tensor_window=4, **settings)
+                  learn_addrs=False, tensor_chunk=128 * KiB, tensor_window=4,
+                  tensor_bulk=False, **settings)  # in-stream: the relay cuts the libp2p link
     a.connect(f"{relay.addr}/p2p/{ib.peer_id}")
     return a, b, relay
 

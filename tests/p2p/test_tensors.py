@@ -190,7 +190,7 @@ def test_in_flight_chunks_are_bounded_by_the_window() -> None:
     window = 4
 
     async def main() -> list[int]:
-        async with trio_meshes(2, tensor_window=window) as (a, b):
+        async with trio_meshes(2, tensor_window=window, tensor_bulk=False) as (a, b):
             seen: list[int] = []
 
             async def stingy(stream: Any, peer: str) -> None:
