@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from p2p._exceptions import ProtocolError
 from p2p._messages import TransferDone, TransferResume
+from p2p._tensors import prefix_hasher
 from p2p._util import collapse_groups
 
 __all__ = [
@@ -61,7 +62,8 @@ __all__ = [
 ]
 
 HELLO = 0xFFFFFFFF  # index of record 0
-_REC = struct.Struct(">III")  # ciphertext length, chunk index, crc32
+_REC = struct.Struct(">III")  # ciphertext length (| _CHECKED), chunk index, crc32
+_CHECKED = 1 << 31  # length flag: the crc32 field is set and must match (fault injection only)
 _TAG = 16
 _HELLO_TIMEOUT = 2.0  # seconds a connection may take to send its first record
 _ACCEPT_TIMEOUT = 10.0  # seconds the receiver waits for the sender's authenticated connection
@@ -251,19 +253,18 @@ def receive_records(conn: socket.socket, aead: ChaCha20Poly1305, session: bytes,
                     post: Post) -> None:
     """Blocking (a worker thread): read chunk records into ``part`` until it has every chunk.
 
-    Each record is decrypted straight into its place in ``part.buf``; a chunk whose CRC32
-    matches is marked verified (``part.mark``). ``post((index, ok))`` reports each chunk,
-    then ``post(None)`` the end or ``post(error)`` a broken / forged / truncated stream.
-    """
+    Each record is decrypted into its place in ``part.buf``; its tag authenticates data and
+    index (no CRC32 but where the sender flags one: fault injection); a helper thread hashes
+    (:func:`prefix_hasher`). ``post((index, ok))`` per chunk, then ``post(None)`` or an error."""
     try:
-        head = bytearray(_REC.size)
-        cipher = bytearray(part.step + _TAG)
-        scratch = bytearray(part.step)
-        counter = 1
-        with memoryview(part.buf) as buf, memoryview(head) as hv, memoryview(cipher) as cv:
+        head, cipher, scratch, counter = bytearray(_REC.size), bytearray(part.step + _TAG), \
+            bytearray(part.step), 1
+        with prefix_hasher(part) as mark, memoryview(part.buf) as buf, \
+                memoryview(head) as hv, memoryview(cipher) as cv:
             while part.missing:
                 _recv_exact(conn, hv)
                 n, index, crc = _REC.unpack(head)
+                checked, n = bool(n & _CHECKED), n & ~_CHECKED
                 size = n - _TAG
                 if index >= part.count or size != min(part.step, part.size - index * part.step):
                     raise ProtocolError(f"bulk record for chunk {index} of {part.count} with "
@@ -277,9 +278,9 @@ def receive_records(conn: socket.socket, aead: ChaCha20Poly1305, session: bytes,
                 except InvalidTag as err:
                     raise ProtocolError(f"bulk record {counter} failed authentication") from err
                 counter += 1
-                ok = zlib.crc32(dest) == crc
+                ok = not checked or zlib.crc32(dest) == crc
                 if ok and not part.have[index]:
-                    part.mark(index)
+                    mark(index)
                 post((index, ok))
         post(None)
     except BaseException as err:  # noqa: BLE001 - handed to the trio side
@@ -300,13 +301,14 @@ def send_records(conn: socket.socket, aead: ChaCha20Poly1305, session: bytes, vi
         if index is None:
             return
         chunk: bytes | memoryview = view[index * step:(index + 1) * step]
-        crc = zlib.crc32(chunk)
+        flag = crc = 0  # the tag authenticates the record: a CRC32 only to test a mangled one
         if mangle is not None:
+            flag, crc = _CHECKED, zlib.crc32(chunk)
             chunk = mangle(index, bytes(chunk))
         n = len(chunk) + _TAG
         if len(out) < _REC.size + n:
             out = bytearray(_REC.size + n)
-        _REC.pack_into(out, 0, n, index, crc)
+        _REC.pack_into(out, 0, n | flag, index, crc)
         with memoryview(out) as ov:
             aead.encrypt_into(_nonce(counter), chunk, session + bytes(ov[4:_REC.size]),
                               ov[_REC.size:_REC.size + n])

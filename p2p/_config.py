@@ -44,7 +44,7 @@ class NodeConfig:
     # Worker threads that run synchronous handlers (async handlers run on their own loop).
     handler_threads: int = 8
     # Tensor stream: bytes per chunk (each chunk carries its own CRC32).
-    tensor_chunk: int = 1 * MiB
+    tensor_chunk: int = 4 * MiB
     # Tensor stream: chunks in flight (sent, not yet acknowledged) per transfer.
     tensor_window: int = 16
     # Tensor stream: largest transfer accepted, checked on the header before allocating.

@@ -76,8 +76,8 @@ class _Partial:
         self.mark(index)
 
     def mark(self, index: int) -> None:
-        """Chunk ``index`` is verified and already in place in ``buf`` (the bulk channel
-        decrypts into it); extend the digest over the contiguous prefix."""
+        """Chunk ``index`` is verified and in place; extend the digest over the contiguous
+        prefix (the bulk channel uses :func:`p2p._tensors.prefix_hasher` instead)."""
         self.have[index], self.missing = 1, self.missing - 1
         while self.hashed < self.count and self.have[self.hashed]:
             self.digest.update(memoryview(self.buf)[self.hashed * self.step:

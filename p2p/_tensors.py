@@ -38,8 +38,10 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,3 +133,42 @@ def prepare_transfer(data: bytes, chunk_size: int, name: str = "") -> TensorHead
 def encode_control(model: BaseModel) -> bytes:
     """A control frame's payload (JSON)."""
     return model.model_dump_json().encode()
+
+
+@contextmanager
+def prefix_hasher(part: Any) -> Iterator[Callable[[int], None]]:
+    """``mark(index)``: chunk ``index`` of ``part`` is verified and in place; a helper thread
+    extends ``part.digest`` over the contiguous verified prefix meanwhile (hashlib releases
+    the GIL, so it overlaps the caller's work) and is joined on exit, with ``part.hashed``
+    consistent for whoever goes on (``part.mark``)."""
+    cond, stopped = threading.Condition(), [False]
+
+    def run() -> None:
+        while True:
+            with cond:
+                while part.hashed < part.count and not part.have[part.hashed] \
+                        and not stopped[0]:
+                    cond.wait()
+                start = end = part.hashed
+                while end < part.count and part.have[end]:
+                    end += 1
+            if start == end:
+                return
+            with memoryview(part.buf) as buf:
+                part.digest.update(buf[start * part.step:end * part.step])
+            part.hashed = end
+
+    def mark(index: int) -> None:
+        with cond:
+            part.have[index], part.missing = 1, part.missing - 1
+            cond.notify()
+
+    hasher = threading.Thread(target=run, daemon=True)
+    hasher.start()
+    try:
+        yield mark
+    finally:
+        with cond:
+            stopped[0] = True
+            cond.notify()
+        hasher.join()
