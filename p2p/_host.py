@@ -292,14 +292,20 @@ class Host:
                             peer_id=peer_id, address=full) from err
         self.libp2p.get_peerstore().add_addrs(pid, [addr], _ADDR_TTL)
 
-    async def open_stream(self, peer_id: str, protocol: str) -> INetStream:
-        """A new stream to ``peer_id`` speaking ``protocol`` (connecting first if needed).
+    async def open_stream(self, peer_id: str, protocol: str, *, dial: bool = True) -> INetStream:
+        """A new stream to ``peer_id`` speaking ``protocol`` (connecting first if needed, unless
+        ``dial`` is False: then only over a live connection).
 
         Raises:
-            PeerNotAllowedError, DialError, P2PTimeoutError: from :meth:`connect`.
+            PeerNotAllowedError, DialError, P2PTimeoutError: from :meth:`connect`; DialError
+                also when ``dial`` is False and no connection is live.
             ProtocolError: the peer does not serve ``protocol``.
         """
-        await self.connect(peer_id)
+        if dial:
+            await self.connect(peer_id)
+        elif self.live_connection(peer_id) is None:
+            raise DialError(f"no live connection to {peer_id} (not dialing)", peer_id=peer_id,
+                            address=None)
         try:
             return await self.libp2p.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except Exception as err:

@@ -72,8 +72,9 @@ class Liveness:
             return
         await close_quietly(stream, reset=False)
 
-    async def ping(self, peer_id: str, timeout: float) -> float:
-        """One round trip to ``peer_id`` (connecting first if needed); the RTT in seconds.
+    async def ping(self, peer_id: str, timeout: float, *, dial: bool = True) -> float:
+        """One round trip to ``peer_id`` (connecting first if needed, unless ``dial`` is False:
+        the periodic probe never dials, so it cannot undo a ``disconnect``); the RTT in seconds.
 
         Raises:
             P2PTimeoutError: no answer within ``timeout`` (the ping stream is dropped).
@@ -85,7 +86,7 @@ class Liveness:
             try:
                 with trio.fail_after(timeout):
                     if frames is None or getattr(frames.stream, "is_closed", False):
-                        stream = await self._host.open_stream(peer_id, PING_PROTOCOL)
+                        stream = await self._host.open_stream(peer_id, PING_PROTOCOL, dial=dial)
                         frames = FrameStream(stream, _PING, peer_id)
                     nonce = os.urandom(_PING)
                     started = time.perf_counter()
@@ -124,7 +125,7 @@ class Liveness:
         # closing its link would only add load; a silent partition is still found
         misses = self._members.misses(peer_id)
         try:
-            await self.ping(peer_id, self._config.ping_timeout * 2 ** min(misses, 2))
+            await self.ping(peer_id, self._config.ping_timeout * 2 ** min(misses, 2), dial=False)
         except P2PError as err:
             if self._closed or self._host.live_connection(peer_id) is None:
                 return  # the link is gone: the reconnector has it
