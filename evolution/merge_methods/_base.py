@@ -5,8 +5,8 @@ Every method lives in its own module of this package and registers itself by nam
 it never sees a whole model. Two entry points: ``merge_tensor`` (a whole tensor; the in-place
 evaluator calls it) and ``start`` (a ``PieceMerger`` fed runs of a tensor's elements; the
 streaming merge uses it, so its memory stays at a piece per input whatever the tensor size).
-The built-in methods implement ``start`` and define ``merge_tensor`` as one piece through it,
-so both paths give the same bits. For ``merge_tensor``:
+The built-in methods subclass ``PieceWiseMethod``: they implement ``start``, and
+``merge_tensor`` is the whole tensor as one piece through it, so both paths give the same bits. For ``merge_tensor``:
 
 * inputs arrive as float32 tensors on one device, all of the same shape;
 * ``base`` is the base model's tensor (None for methods with ``needs_base = False``);
@@ -283,3 +283,23 @@ class MergeMethod(ABC):
 
     def __repr__(self) -> str:
         return f"<merge method {self.name!r}>"
+
+
+class PieceWiseMethod(MergeMethod):
+    """A method written as a ``PieceMerger`` (``start``); ``merge_tensor`` is the whole tensor
+    as one piece through it, so the in-place and streamed merges give the same bits."""
+
+    def merge_tensor(
+        self,
+        name: str,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        params: MergeParams,
+    ) -> torch.Tensor:
+        return self.merge_whole(name, base, tensors, params)
+
+    @abstractmethod
+    def start(
+        self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams
+    ) -> PieceMerger:
+        """See ``MergeMethod.start``."""

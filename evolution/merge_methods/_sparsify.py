@@ -22,8 +22,11 @@ from collections.abc import Sequence
 
 import torch
 
+from evolution.merge_methods._base import PieceMerger
+
 __all__ = [
     "MagnitudeRanks",
+    "RankedMerger",
     "disjoint_merge_",
     "drop_at_least_",
     "elect_sign",
@@ -159,6 +162,44 @@ class MagnitudeRanks:
             low, _ = _rank_in(self._low[b], rest)
             value = torch.tensor([(b << 16) | low], dtype=torch.int32).view(torch.float32)
             self.values.append(float(value))
+
+
+class RankedMerger(PieceMerger):
+    """A piece merger that ranks each model's task-vector magnitudes ``|tensor - base|``.
+
+    Subclasses fill ``self.ranks`` (one ``MagnitudeRanks`` per model, None where nothing is
+    ranked), ``self.single`` (the tensor comes in one piece) and ``self.passes``; this class
+    runs the statistics passes, and ``rank_whole`` ranks a single-piece tensor on the spot.
+    """
+
+    ranks: list[MagnitudeRanks | None]
+    single: bool
+
+    def observe(
+        self,
+        pass_index: int,
+        first: int,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+    ) -> None:
+        assert base is not None
+        for ranks, tensor in zip(self.ranks, tensors):
+            if ranks is None:
+                continue
+            for start, stop in stat_tiles(base.numel()):
+                ranks.observe(pass_index, torch.sub(tensor[start:stop], base[start:stop]).abs_())
+
+    def end_pass(self, pass_index: int) -> None:
+        for ranks in self.ranks:
+            if ranks is not None:
+                ranks.end_pass(pass_index)
+
+    def rank_whole(self, base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+        """The whole tensor is here (no statistics passes ran): rank it now."""
+        if self.single:
+            for ranks, tensor in zip(self.ranks, tensors):
+                if ranks is not None and not ranks.values:
+                    ranks.whole(torch.sub(tensor, base).abs_())
 
 
 def _rank_in(counts: torch.Tensor, k: int) -> tuple[int, int]:

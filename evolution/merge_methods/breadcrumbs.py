@@ -41,20 +41,26 @@ from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger, tiles
+from evolution.merge_methods._base import (
+    MergeParams,
+    OptionValue,
+    PieceMerger,
+    PieceWiseMethod,
+    tiles,
+)
 from evolution.merge_methods._sparsify import (
     MagnitudeRanks,
+    RankedMerger,
     drop_at_least_,
     keep_at_least_,
     keep_count,
-    stat_tiles,
 )
 from evolution.merge_methods.registry import register
 
 __all__ = ["Breadcrumbs"]
 
 
-class _BreadcrumbsMerger(PieceMerger):
+class _BreadcrumbsMerger(RankedMerger):
     """Per model: rank |tau| (two statistics passes when in pieces), then mask tile by tile.
 
     Model ``i`` keeps ``|tau| >= low`` and, with outliers, ``|tau| < high``, where ``low`` is
@@ -74,25 +80,6 @@ class _BreadcrumbsMerger(PieceMerger):
             self.ranks.append(MagnitudeRanks(numel, ks, whole=self.single) if ok else None)
         self.passes = max((r.passes for r in self.ranks if r is not None), default=0)
 
-    def observe(
-        self,
-        pass_index: int,
-        first: int,
-        base: torch.Tensor | None,
-        tensors: Sequence[torch.Tensor],
-    ) -> None:
-        assert base is not None
-        for ranks, tensor in zip(self.ranks, tensors):
-            if ranks is None:
-                continue
-            for start, stop in stat_tiles(base.numel()):
-                ranks.observe(pass_index, torch.sub(tensor[start:stop], base[start:stop]).abs_())
-
-    def end_pass(self, pass_index: int) -> None:
-        for ranks in self.ranks:
-            if ranks is not None:
-                ranks.end_pass(pass_index)
-
     def merge(
         self,
         first: int,
@@ -101,10 +88,7 @@ class _BreadcrumbsMerger(PieceMerger):
         out: torch.Tensor,
     ) -> None:
         assert base is not None
-        if self.single:
-            for ranks, tensor in zip(self.ranks, tensors):
-                if ranks is not None and not ranks.values:
-                    ranks.whole(torch.sub(tensor, base).abs_())
+        self.rank_whole(base, tensors)
         for start, stop in tiles(out.numel(), out.device):
             b = base[start:stop]
             total = torch.zeros_like(b)
@@ -120,7 +104,7 @@ class _BreadcrumbsMerger(PieceMerger):
 
 
 @register
-class Breadcrumbs(MergeMethod):
+class Breadcrumbs(PieceWiseMethod):
     """Keep the middle band of each task vector's magnitudes and add the bands to the base."""
 
     name = "breadcrumbs"
@@ -140,16 +124,6 @@ class Breadcrumbs(MergeMethod):
                     f"(the smallest fraction dropped is 1 - density - gamma), got density="
                     f"{density}, gamma={gamma}; lower density or gamma"
                 )
-
-    def merge_tensor(
-        self,
-        name: str,
-        base: torch.Tensor | None,
-        tensors: Sequence[torch.Tensor],
-        params: MergeParams,
-    ) -> torch.Tensor:
-        assert base is not None  # needs_base: the merge always passes it
-        return self.merge_whole(name, base, tensors, params)
 
     def start(
         self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams

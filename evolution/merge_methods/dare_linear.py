@@ -41,7 +41,13 @@ from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger, tiles
+from evolution.merge_methods._base import (
+    MergeParams,
+    OptionValue,
+    PieceMerger,
+    PieceWiseMethod,
+    tiles,
+)
 from evolution.merge_methods._sparsify import generator, random_drop_
 from evolution.merge_methods.registry import register
 
@@ -77,23 +83,13 @@ class _DareLinearMerger(PieceMerger):
 
 
 @register
-class DareLinear(MergeMethod):
+class DareLinear(PieceWiseMethod):
     """Randomly drop task-vector entries, rescale the survivors, add them to the base."""
 
     name = "dare_linear"
     needs_base = True
     model_defaults: ClassVar[Mapping[str, float | None]] = {"weight": 1.0, "density": None}
     options: ClassVar[Mapping[str, OptionValue]] = {"lambda": 1.0, "rescale": True}
-
-    def merge_tensor(
-        self,
-        name: str,
-        base: torch.Tensor | None,
-        tensors: Sequence[torch.Tensor],
-        params: MergeParams,
-    ) -> torch.Tensor:
-        assert base is not None  # needs_base: the merge always passes it
-        return self.merge_whole(name, base, tensors, params)
 
     def start(
         self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams

@@ -34,12 +34,10 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import ClassVar
 
-import torch
-
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger
+from evolution.merge_methods._base import MergeParams, OptionValue, PieceMerger, PieceWiseMethod
 from evolution.merge_methods.registry import register
 from evolution.merge_methods.ties import TiesMerger, check_positive_weights
 
@@ -47,7 +45,7 @@ __all__ = ["DareTies"]
 
 
 @register
-class DareTies(MergeMethod):
+class DareTies(PieceWiseMethod):
     """Randomly drop and rescale task-vector entries, then merge them the TIES way."""
 
     name = "dare_ties"
@@ -61,16 +59,6 @@ class DareTies(MergeMethod):
 
     def check(self, params: MergeParams) -> None:
         check_positive_weights(self.name, params)
-
-    def merge_tensor(
-        self,
-        name: str,
-        base: torch.Tensor | None,
-        tensors: Sequence[torch.Tensor],
-        params: MergeParams,
-    ) -> torch.Tensor:
-        assert base is not None  # needs_base: the merge always passes it
-        return self.merge_whole(name, base, tensors, params)
 
     def start(
         self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams

@@ -32,14 +32,20 @@ from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger, tiles
+from evolution.merge_methods._base import (
+    MergeParams,
+    OptionValue,
+    PieceMerger,
+    PieceWiseMethod,
+    tiles,
+)
 from evolution.merge_methods.registry import register
 
 __all__ = ["Linear"]
 
 
 @register
-class Linear(MergeMethod):
+class Linear(PieceWiseMethod):
     """Weighted average (or weighted sum) of the models' tensors."""
 
     name = "linear"
@@ -54,15 +60,6 @@ class Linear(MergeMethod):
                 f"linear with normalize: true needs weights with a non-zero sum, got "
                 f"{list(params.weights)}; change the weights or set normalize: false"
             )
-
-    def merge_tensor(
-        self,
-        name: str,
-        base: torch.Tensor | None,
-        tensors: Sequence[torch.Tensor],
-        params: MergeParams,
-    ) -> torch.Tensor:
-        return self.merge_whole(name, base, tensors, params)
 
     def start(
         self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams

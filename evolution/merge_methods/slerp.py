@@ -43,7 +43,13 @@ from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger, tiles
+from evolution.merge_methods._base import (
+    MergeParams,
+    OptionValue,
+    PieceMerger,
+    PieceWiseMethod,
+    tiles,
+)
 from evolution.merge_methods._sparsify import stat_tiles
 from evolution.merge_methods.registry import register
 
@@ -143,7 +149,7 @@ class _SlerpMerger(PieceMerger):
 
 
 @register
-class Slerp(MergeMethod):
+class Slerp(PieceWiseMethod):
     """Interpolate along the great circle between two models' tensors."""
 
     name = "slerp"
@@ -157,15 +163,6 @@ class Slerp(MergeMethod):
         threshold = params.number("dot_threshold", 0.9995)
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"slerp dot_threshold must be in (0, 1], got {threshold}")
-
-    def merge_tensor(
-        self,
-        name: str,
-        base: torch.Tensor | None,
-        tensors: Sequence[torch.Tensor],
-        params: MergeParams,
-    ) -> torch.Tensor:
-        return self.merge_whole(name, base, tensors, params)
 
     def start(
         self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams

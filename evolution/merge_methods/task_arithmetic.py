@@ -34,14 +34,20 @@ from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger, tiles
+from evolution.merge_methods._base import (
+    MergeParams,
+    OptionValue,
+    PieceMerger,
+    PieceWiseMethod,
+    tiles,
+)
 from evolution.merge_methods.registry import register
 
 __all__ = ["TaskArithmetic"]
 
 
 @register
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(PieceWiseMethod):
     """Base plus ``lambda`` times the weighted sum of task vectors."""
 
     name = "task_arithmetic"
@@ -49,16 +55,6 @@ class TaskArithmetic(MergeMethod):
     model_defaults: ClassVar[Mapping[str, float | None]] = {"weight": 1.0}
     elementwise = True  # the merge may pass runs of a large tensor's elements
     options: ClassVar[Mapping[str, OptionValue]] = {"lambda": 1.0}
-
-    def merge_tensor(
-        self,
-        name: str,
-        base: torch.Tensor | None,
-        tensors: Sequence[torch.Tensor],
-        params: MergeParams,
-    ) -> torch.Tensor:
-        assert base is not None  # needs_base: the merge always passes it
-        return self.merge_whole(name, base, tensors, params)
 
     def start(
         self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams

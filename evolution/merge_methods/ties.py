@@ -47,16 +47,22 @@ from typing import ClassVar
 
 import torch
 
-from evolution.merge_methods._base import MergeMethod, MergeParams, OptionValue, PieceMerger, tiles
+from evolution.merge_methods._base import (
+    MergeParams,
+    OptionValue,
+    PieceMerger,
+    PieceWiseMethod,
+    tiles,
+)
 from evolution.merge_methods._sparsify import (
     MagnitudeRanks,
+    RankedMerger,
     disjoint_merge_,
     elect_sign,
     generator,
     keep_at_least_,
     keep_count,
     random_drop_,
-    stat_tiles,
 )
 from evolution.merge_methods.registry import register
 
@@ -72,7 +78,7 @@ def check_positive_weights(method: str, params: MergeParams) -> None:
         )
 
 
-class TiesMerger(PieceMerger):
+class TiesMerger(RankedMerger):
     """TIES (``dare=False``: magnitude trim) or DARE-TIES (``dare=True``: random drop), piece-wise.
 
     Trimming needs each task vector's k-th largest magnitude over the whole tensor: a tensor
@@ -102,25 +108,6 @@ class TiesMerger(PieceMerger):
             self.ranks.append(None)
         self.passes = max((r.passes for r in self.ranks if r is not None), default=0)
 
-    def observe(
-        self,
-        pass_index: int,
-        first: int,
-        base: torch.Tensor | None,
-        tensors: Sequence[torch.Tensor],
-    ) -> None:
-        assert base is not None
-        for ranks, tensor in zip(self.ranks, tensors):
-            if ranks is None:
-                continue
-            for start, stop in stat_tiles(base.numel()):
-                ranks.observe(pass_index, torch.sub(tensor[start:stop], base[start:stop]).abs_())
-
-    def end_pass(self, pass_index: int) -> None:
-        for ranks in self.ranks:
-            if ranks is not None:
-                ranks.end_pass(pass_index)
-
     def merge(
         self,
         first: int,
@@ -129,10 +116,7 @@ class TiesMerger(PieceMerger):
         out: torch.Tensor,
     ) -> None:
         assert base is not None
-        if self.single:  # the whole tensor is here: rank it now
-            for ranks, tensor in zip(self.ranks, tensors):
-                if ranks is not None and not ranks.values:
-                    ranks.whole(torch.sub(tensor, base).abs_())
+        self.rank_whole(base, tensors)
         weights = self.params.weights
         for start, stop in tiles(out.numel(), out.device):
             b = base[start:stop]
@@ -151,7 +135,7 @@ class TiesMerger(PieceMerger):
 
 
 @register
-class Ties(MergeMethod):
+class Ties(PieceWiseMethod):
     """Trim each task vector to its largest entries, elect signs, average the agreeing ones."""
 
     name = "ties"
@@ -161,16 +145,6 @@ class Ties(MergeMethod):
 
     def check(self, params: MergeParams) -> None:
         check_positive_weights(self.name, params)
-
-    def merge_tensor(
-        self,
-        name: str,
-        base: torch.Tensor | None,
-        tensors: Sequence[torch.Tensor],
-        params: MergeParams,
-    ) -> torch.Tensor:
-        assert base is not None  # needs_base: the merge always passes it
-        return self.merge_whole(name, base, tensors, params)
 
     def start(
         self, name: str, shape: tuple[int, ...], piece: int, params: MergeParams
