@@ -177,6 +177,14 @@ class Stopwatch:
 
 # ---- goals -------------------------------------------------------------------------------
 
+def dig(by: Mapping[str, Any], key: str, *path: str) -> Any:
+    """``by[key][path[0]][path[1]]...``, or None where a level is missing (results lookups)."""
+    cur: Any = by.get(key)
+    for k in path:
+        cur = cur.get(k) if isinstance(cur, dict) else None
+    return cur
+
+
 def goal(name: str, value: float | None, op: str, target: float) -> dict[str, Any]:
     """One entry of ``goals``: whether ``value op target`` holds (a missing value is not met)."""
     if op not in _OPS:

@@ -75,6 +75,7 @@ sys.path.insert(1, str(REPO))
 
 from _common import (
     base_parser,
+    dig,
     fs_type,
     goal,
     host_info,
@@ -509,10 +510,7 @@ def main() -> int:
     by = {r["section"]: r for r in results}
 
     def get(sec: str, *keys: str) -> Any:
-        cur: Any = by.get(sec)
-        for k in keys:
-            cur = cur.get(k) if isinstance(cur, dict) else None
-        return cur
+        return dig(by, sec, *keys)
 
     goals = [
         goal("linear_vs_memory_bandwidth", get("merge_linear", "warm_vs_interleaved_bandwidth"), ">=", 0.6),

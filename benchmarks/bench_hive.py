@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ray
 from _common import (
     base_parser,
+    dig,
     fs_type,
     goal,
     host_info,
@@ -345,10 +346,7 @@ def main() -> int:
     by = {r["section"]: r for r in results}
 
     def get(sec: str, *keys: str) -> Any:
-        cur: Any = by.get(sec)
-        for k in keys:
-            cur = cur.get(k) if isinstance(cur, dict) else None
-        return cur
+        return dig(by, sec, *keys)
 
     goals = [
         goal("coordinator_vs_raw_throughput", get("throughput", "hive_vs_raw"), ">=", 0.5),

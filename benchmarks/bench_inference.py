@@ -76,6 +76,7 @@ import ray
 import torch
 from _common import (
     base_parser,
+    dig,
     fmt,
     goal,
     host_info,
@@ -723,10 +724,7 @@ def main() -> int:
     by = {r.get("key", r["section"]): r for r in results}
 
     def get(key: str, *path: str) -> Any:
-        cur: Any = by.get(key)
-        for k in path:
-            cur = cur.get(k) if isinstance(cur, dict) else None
-        return cur
+        return dig(by, key, *path)
 
     identical = get("recovery", "outputs_identical")
     goals = [

@@ -51,7 +51,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import base_parser, goal, host_info, print_goals, print_results, summarize, write_json
+from _common import (
+    base_parser,
+    dig,
+    goal,
+    host_info,
+    print_goals,
+    print_results,
+    summarize,
+    write_json,
+)
 
 BENCHMARK = "p2p"
 TOPIC = "bench"
@@ -499,10 +508,7 @@ def main() -> int:
     by = {r["section"]: r for r in results}
 
     def get(sec: str, *keys: str) -> Any:
-        cur: Any = by.get(sec)
-        for k in keys:
-            cur = cur.get(k) if isinstance(cur, dict) else None
-        return cur
+        return dig(by, sec, *keys)
 
     peers = get("gossip", "config", "subscribers") or 20
     goals = [

@@ -6,7 +6,7 @@ Only ``merge`` for now: ``hive evolve merge RECIPE.yaml --out DIR``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -32,6 +32,25 @@ def _group() -> None:
 def _fail(message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(1)
+
+
+def _load_or_fail(load: Any, path: Path, what: str) -> Any:
+    """``load(path)``, or exit with one clear line when the file is missing or invalid."""
+    import yaml
+    from pydantic import ValidationError
+
+    from evolution._exceptions import EvolutionError
+
+    if not path.is_file():
+        _fail(f"{what} file {path} does not exist")
+    try:
+        return load(path)
+    except ValidationError as exc:
+        _fail(f"invalid {what} {path}:\n{exc}")
+    except EvolutionError as exc:
+        _fail(f"invalid {what} {path}: {exc}")
+    except yaml.YAMLError as exc:
+        _fail(f"cannot parse {what} {path}: {exc}")
 
 
 def _size(n: float) -> str:
@@ -64,23 +83,12 @@ def merge(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
 ) -> None:
     """Merge the models of RECIPE into a new checkpoint, one tensor at a time."""
-    import yaml
-    from pydantic import ValidationError
 
     from evolution._exceptions import EvolutionError
     from evolution._merge import merge as run_merge
     from evolution._recipe import MergeRecipe
 
-    if not recipe.is_file():
-        _fail(f"recipe file {recipe} does not exist")
-    try:
-        parsed = MergeRecipe.load(recipe)
-    except ValidationError as exc:
-        _fail(f"invalid recipe {recipe}:\n{exc}")
-    except EvolutionError as exc:
-        _fail(f"invalid recipe {recipe}: {exc}")
-    except yaml.YAMLError as exc:
-        _fail(f"cannot parse recipe {recipe}: {exc}")
+    parsed = _load_or_fail(MergeRecipe.load, recipe, "recipe")
     try:
         result = run_merge(
             parsed,
@@ -140,21 +148,13 @@ def start(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
 ) -> None:
     """Start evolution run NAME from CONFIG (attaches to it if it exists with that config)."""
-    from pydantic import ValidationError
 
     import hive
     from evolution._config import EvolutionConfig
     from evolution._exceptions import EvolutionError
     from evolution._scheduler import EvolutionScheduler
 
-    if not config.is_file():
-        _fail(f"config file {config} does not exist")
-    try:
-        cfg = EvolutionConfig.load(config)
-    except ValidationError as exc:
-        _fail(f"invalid config {config}:\n{exc}")
-    except EvolutionError as exc:
-        _fail(f"invalid config {config}: {exc}")
+    cfg = _load_or_fail(EvolutionConfig.load, config, "config")
     hive.init(home=home)
     try:
         sched = EvolutionScheduler.launch(cfg, name)

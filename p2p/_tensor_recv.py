@@ -217,12 +217,9 @@ class TensorServer:
             chunk = memoryview(raw)[_HEAD.size:]
             if len(chunk) != min(part.step, part.size - index * part.step) \
                     or zlib.crc32(chunk) != crc:
-                part.failures[index] += 1
-                if part.failures[index] > self._config.tensor_retries:
-                    self._partials.pop(key, None)
-                    return TransferDone(ok=False, error_type="ChecksumError", chunk=index,
-                                        error=f"chunk {index} failed its CRC32 "
-                                              f"{part.failures[index]} times")
+                failed = self._chunk_failed(key, part, index)
+                if failed is not None:
+                    return failed
                 await frames.write_frame(_json(ChunkAck(index=index, ok=False)))
                 continue
             part.store(index, chunk)
@@ -309,13 +306,21 @@ class TensorServer:
             if not self._admit(peer, TENSOR_PROTOCOL):
                 raise ProtocolError(f"{peer} left the allowlist mid-transfer", peer_id=peer)
             if not ok:
-                part.failures[index] += 1
-                if part.failures[index] > self._config.tensor_retries:
-                    self._partials.pop(key, None)
-                    return TransferDone(ok=False, error_type="ChecksumError", chunk=index,
-                                        error=f"chunk {index} failed its CRC32 "
-                                              f"{part.failures[index]} times")
+                failed = self._chunk_failed(key, part, index)
+                if failed is not None:
+                    return failed
             await frames.write_frame(_json(ChunkAck(index=index, ok=ok)))
+
+    def _chunk_failed(self, key: tuple[str, str, int, int, str], part: _Partial,
+                      index: int) -> TransferDone | None:
+        """Count a failed check of chunk ``index``; past ``tensor_retries`` the transfer ends
+        (its partial state dropped) with the returned ChecksumError reply."""
+        part.failures[index] += 1
+        if part.failures[index] <= self._config.tensor_retries:
+            return None
+        self._partials.pop(key, None)
+        return TransferDone(ok=False, error_type="ChecksumError", chunk=index,
+                            error=f"chunk {index} failed its CRC32 {part.failures[index]} times")
 
     async def _finish(self, peer: str, header: TensorHeader, part: _Partial) -> TransferDone:
         if part.digest.hexdigest() != header.blake2b:
