@@ -493,7 +493,7 @@ def main() -> int:
                             "build_s": info["build_s"]})
             for method in METHODS:
                 r = section(f"merge_{method}", bench_merge, method, paths, root, ckpt_bytes,
-                            3 if quick else 2, bandwidth)
+                            5 if quick else 3, bandwidth)
                 if r:
                     results.append(r)
             bw2 = section("memory_bandwidth_after", bench_bandwidth, (2**25 if quick else 2**26), 5)
@@ -535,7 +535,10 @@ def main() -> int:
                              ("merge throughput goals: median over warm reps of throughput / numpy a + b "
                               "bandwidth measured in the same process right before and after that merge"),
                              "memory bandwidth baseline = numpy a + b (fresh output), single thread, median",
-                             "merge() default checksum: xxh3_128 (champions use sha256)"])
+                             "merge() default checksum: xxh3_128 (champions use sha256)",
+                             ("host.vm_free_page_reporting true: memory the guest freed goes back to the "
+                              "host and is slow to touch again; a rep whose output lands on such pages "
+                              "writes several times slower (the median over reps is the figure)")])
     print(f"wrote {path} ({duration}s)")
     if crashed:
         print(f"sections that crashed: {', '.join(crashed)}")
