@@ -11,8 +11,8 @@ Sections (each one dict in ``results``, with its ``config``):
    Medians of ``--reps``. Goal: ours / raw TCP >= 0.25.
 2. ``connect``: a fresh connection (TCP + Noise XX handshake + yamux) to a peer process,
    ``Node.connect`` then ``disconnect``, N times. Goal: p50 <= 10 ms.
-3. ``gossip``: one publisher, 20 subscriber nodes in another process (each connected to the
-   publisher and to two ring neighbours), M messages at ``--rate`` per second (20; every
+3. ``gossip``: one publisher, 20 subscriber nodes, each in its own process like a site (each
+   connected to the publisher and to two ring neighbours), M messages at ``--rate`` per second (20; every
    message is ~80 Noise frames across the mesh, all in Python); latency until *all 20*
    received a message (receive clock - publish clock, same host). Goals: p50 <= 50 ms,
    p99 <= 200 ms, 0 lost.
@@ -116,44 +116,37 @@ def _child_node(key_dir: str, listen: str, allow: list[str]) -> None:
     node.close()
 
 
-def _child_subscribers(n: int, pub: str, key_root: str) -> None:
-    """``n`` subscriber nodes in this process; report receive times on "DUMP"."""
-    from p2p import Node, NodeConfig, SitePeer, generate_identity
+def _child_subscriber(key_dir: str, allow: list[str]) -> None:
+    """One subscriber node (a site of its own). stdin commands: "DIAL <addr>..." (answers
+    "DIALED"), "WARM?" (answers "WARM 0|1"), "DUMP" (answers receive times, then exits)."""
+    from p2p import Node, NodeConfig, SitePeer, load_identity
 
-    idents = [generate_identity(f"sub-{i}") for i in range(n)]
-    everyone = [SitePeer(peer_id=pub)] + [SitePeer(peer_id=i.peer_id) for i in idents]
-    got: list[dict[int, float]] = [{} for _ in range(n)]
-    warm = [threading.Event() for _ in range(n)]
-    nodes = []
-    for i, ident in enumerate(idents):
-        cfg = NodeConfig(identity=ident, handler_threads=1,
-                         peers=tuple(p for p in everyone if p.peer_id != ident.peer_id))
-        node = Node(cfg).start()
+    ident = load_identity(key_dir)
+    node = Node(NodeConfig(identity=ident, handler_threads=1,
+                           peers=tuple(SitePeer(peer_id=p) for p in allow))).start()
+    got: dict[int, float] = {}
+    warm = threading.Event()
 
-        def on_message(msg: Any, i: int = i) -> None:
-            index, = struct.unpack_from(">q", msg.data)
-            if index < 0:
-                warm[i].set()
-            else:
-                got[i].setdefault(index, time.time())
+    def on_message(msg: Any) -> None:
+        index, = struct.unpack_from(">q", msg.data)
+        if index < 0:
+            warm.set()
+        else:
+            got.setdefault(index, time.time())
 
-        node.subscribe(TOPIC, on_message)
-        nodes.append(node)
-    for i, node in enumerate(nodes):  # a ring: each node also dials its next two neighbours
-        for j in (1, 2):
-            other = nodes[(i + j) % n]
-            node.connect(other.addrs[0])
-    print("READY " + json.dumps([{"peer_id": x.peer_id, "addrs": x.addrs} for x in nodes]),
-          flush=True)
+    node.subscribe(TOPIC, on_message)
+    print("READY " + json.dumps({"peer_id": node.peer_id, "addrs": node.addrs}), flush=True)
     for line in sys.stdin:
-        if line.startswith("WARM?"):
-            print("WARM " + str(sum(e.is_set() for e in warm)), flush=True)
+        if line.startswith("DIAL "):
+            for addr in line.split()[1:]:
+                node.connect(addr)
+            print("DIALED", flush=True)
+        elif line.startswith("WARM?"):
+            print(f"WARM {int(warm.is_set())}", flush=True)
         elif line.startswith("DUMP"):
-            print("DUMP " + json.dumps([{str(k): v for k, v in g.items()} for g in got]),
-                  flush=True)
+            print("DUMP " + json.dumps({str(k): v for k, v in got.items()}), flush=True)
             break
-    for node in nodes:
-        node.close()
+    node.close()
 
 
 def _has_field(name: str) -> bool:
@@ -340,28 +333,39 @@ def bench_connect(n: int, root: Path) -> dict[str, Any]:
 # ---- 3. gossip ----------------------------------------------------------------------------
 
 def bench_gossip(subs: int, messages: int, rate: float, root: Path) -> dict[str, Any]:
-    from p2p import Node, NodeConfig, SitePeer, generate_identity
+    from p2p import Node, NodeConfig, SitePeer, generate_identity, init_identity
 
     me = generate_identity("bench-pub")
-    child = _spawn("subs", str(subs), me.peer_id, str(root))
+    key_dirs = [root / f"sub-{i}" for i in range(subs)]
+    ids = [init_identity(d, f"sub-{i}").peer_id for i, d in enumerate(key_dirs)]
+    children: list[subprocess.Popen[str]] = []
     node = None
+
+    def ask(child: subprocess.Popen[str], line: str, prefix: str) -> str:
+        assert child.stdin is not None
+        child.stdin.write(line + "\n")
+        child.stdin.flush()
+        return _read_line(child, prefix)
+
     try:
-        infos = json.loads(_read_line(child, "READY ", timeout=180))
-        node = Node(NodeConfig(identity=me, peers=tuple(SitePeer(peer_id=i["peer_id"]) for i in infos),
+        for i, key_dir in enumerate(key_dirs):  # one process per subscriber: a site each
+            allow = [me.peer_id] + [p for j, p in enumerate(ids) if j != i]
+            children.append(_spawn("sub", str(key_dir), *allow))
+        infos = [json.loads(_read_line(c, "READY ", timeout=180)) for c in children]
+        node = Node(NodeConfig(identity=me, peers=tuple(SitePeer(peer_id=p) for p in ids),
                                gossip_rate=max(1000.0, rate * 4))).start()
         node.subscribe(TOPIC, lambda msg: None)
         for info in infos:
             node.connect(info["addrs"][0])
+        for i, child in enumerate(children):  # a ring: each also dials its next two neighbours
+            ask(child, "DIAL " + " ".join(infos[(i + j) % subs]["addrs"][0] for j in (1, 2)), "DIALED")
         deadline = time.monotonic() + 60
         while len(node.topic_peers(TOPIC)) < subs and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert child.stdin is not None
         warm_deadline = time.monotonic() + 60
         while time.monotonic() < warm_deadline:  # until every subscriber got a warm-up message
             node.publish(TOPIC, struct.pack(">qd", -1, time.time()))
-            child.stdin.write("WARM?\n")
-            child.stdin.flush()
-            if int(_read_line(child, "WARM ")) == subs:
+            if sum(int(ask(c, "WARM?", "WARM ")) for c in children) == subs:
                 break
             time.sleep(0.2)
         time.sleep(1.0)  # let a few heartbeats settle the mesh
@@ -375,13 +379,12 @@ def bench_gossip(subs: int, messages: int, rate: float, root: Path) -> dict[str,
             sent[i] = time.time()
             node.publish(TOPIC, struct.pack(">qd", i, sent[i]) + b"x" * 100)
         time.sleep(2.0)  # stragglers
-        child.stdin.write("DUMP\n")
-        child.stdin.flush()
-        got = [{int(k): v for k, v in g.items()} for g in json.loads(_read_line(child, "DUMP "))]
+        got = [{int(k): v for k, v in json.loads(ask(c, "DUMP", "DUMP ")).items()} for c in children]
     finally:
         if node is not None:
             node.close()
-        _stop(child)
+        for child in children:
+            _stop(child)
     all_lat, lost_msgs, missing_pairs = [], 0, 0
     for i, t in sent.items():
         arrivals = [g.get(i) for g in got]
@@ -394,7 +397,8 @@ def bench_gossip(subs: int, messages: int, rate: float, root: Path) -> dict[str,
     log(f"gossip: {messages} messages to {subs} peers, lost {lost_msgs}")
     return {"section": "gossip",
             "config": {"subscribers": subs, "messages": messages, "rate_per_s": rate,
-                       "topology": "publisher connected to all; subscribers in a ring (+1, +2)",
+                       "topology": "publisher connected to all; subscribers in a ring (+1, +2); "
+                                   "one process per node",
                        "payload_bytes": 116},
             "delivery_to_all_ms": summarize(all_lat, 1000), "lost_messages": lost_msgs,
             "missing_deliveries": missing_pairs}
@@ -472,8 +476,8 @@ def main() -> int:
             _child_tcp_sink(int(args[0]), int(args[1]), int(args[2]))
         elif kind == "node":
             _child_node(args[0], args[1], args[2:])
-        elif kind == "subs":
-            _child_subscribers(int(args[0]), args[1], args[2])
+        elif kind == "sub":
+            _child_subscriber(args[0], args[1:])
         return 0
     parser = base_parser("p2p: throughput vs raw TCP and ChaCha20-Poly1305, connect, gossip, reconnect")
     parser.add_argument("--size", type=int, default=None, help="tensor bytes (default 1 GiB; quick 64 MiB)")

@@ -94,10 +94,14 @@ class NodeConfig:
     # Gossipsub heartbeat in seconds (py-libp2p's default of 120 s suits no small mesh).
     gossip_heartbeat: float = 0.5
     # Gossipsub mesh degree D (D_low = max(1, D - 2), D_high = 2 * D). With flood publishing
-    # every site gets a message straight from its publisher; D is only the relay fan-out, and
-    # each relayed copy costs every receiver ~1 ms of CPU in py-libp2p: 10 sites in one
-    # process at 20 msg/s gave p50 0.44 s with D=3, 5.4 s with D=6 (and lost messages).
-    gossip_degree: int = 3
+    # every site gets a message straight from its publisher; D is only the relay fan-out that
+    # carries it on to sites the publisher has no link to, and every relayed copy is a
+    # duplicate for a fully linked mesh (hive's default: each site keeps a link to every
+    # site it knows), costing each receiver CPU in py-libp2p. 20 sites, one process each, on
+    # 2 cores at 20 msg/s: p50 to all 33 ms with D=1, 144 ms with D=2, ~1 s with D=3. With
+    # sparse links (a chain of sites) D=1 still delivers everything - through the mesh, or
+    # gossip's IHAVE/IWANT within a heartbeat or two; raise D for lower latency there.
+    gossip_degree: int = 1
     # Gossipsub: our own messages go to every subscribed peer at once, not only the D in our
     # mesh (gossipsub v1.1 flood publishing): one hop to everyone in a small mesh.
     gossip_flood_publish: bool = True

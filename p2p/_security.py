@@ -18,6 +18,7 @@ else; a peer that offers only plaintext/SECIO/TLS fails negotiation and is dropp
 
 from __future__ import annotations
 
+import os
 from typing import Any, cast
 
 from libp2p.abc import IRawConnection, ISecureConn, ISecureTransport
@@ -107,5 +108,13 @@ def security_options(key_pair: KeyPair, allowlist: Allowlist) -> TSecurityOption
 
 
 def muxer_options() -> TMuxerOptions:
-    """The only stream muxer a hive host negotiates: ``/yamux/1.0.0``."""
+    """The only stream muxer a hive host negotiates: ``/yamux/1.0.0``.
+
+    py-libp2p's yamux answers *every* read that stays below its half-window threshold with a
+    WINDOW_UPDATE frame (``PY_YAMUX_RELEASE_ON_READ``, default on): one extra encrypted frame
+    and send per small message received - a gossip message, an RPC, a ping. We turn that off
+    (unless the environment says otherwise), which gives go-yamux's behaviour: the window is
+    topped up once half of it has been consumed. Reads stay correct either way.
+    """
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
     return {TProtocol(YAMUX_PROTOCOL_ID): Yamux}

@@ -98,3 +98,28 @@ def test_heartbeat_stays_fast(pair: Pair) -> None:
         router = node._mesh.gossip.router
         assert router.heartbeat_interval == node.config.gossip_heartbeat == 0.5
         assert other.peer_id in {p.to_base58() for p in router.mesh.get("x", ())}  # grafted
+
+
+def test_messages_cross_a_line_of_four_sites(make_node: Callable[..., Node]) -> None:
+    """a - b - c - d, each linked only to its neighbours: with the default mesh degree (1)
+    every message of a still reaches c and d, relayed through the mesh or fetched through
+    gossip's IHAVE/IWANT - none lost, none twice."""
+    ids = [generate_identity(s) for s in "abcd"]
+    nodes = [make_node(i, peers=tuple(peer_of(o) for o in ids if o is not i)) for i in ids]
+    for left, right in zip(nodes, nodes[1:]):
+        left.connect(right.addrs[0])
+    got: list[list[bytes]] = [[] for _ in nodes]
+    for node, inbox in zip(nodes, got):
+        node.subscribe("line", lambda msg, inbox=inbox: inbox.append(msg.data))
+    assert wait_for(lambda: all(n.topic_peers("line") for n in nodes), 10)
+    for _ in range(100):  # until the mesh carries a warm-up message to the far end
+        nodes[0].publish("line", b"warm")
+        if wait_for(lambda: b"warm" in got[3], 0.2):
+            break
+    sent = [f"m{i}".encode() for i in range(20)]
+    for data in sent:
+        nodes[0].publish("line", data)
+    assert wait_for(lambda: all(set(sent) <= set(inbox) for inbox in got[1:]), 10), \
+        [len(set(sent) & set(inbox)) for inbox in got[1:]]
+    for inbox in got[1:]:
+        assert sorted(d for d in inbox if d in sent) == sorted(sent)  # once each
