@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -106,7 +107,7 @@ def test_messages_cross_a_line_of_four_sites(make_node: Callable[..., Node]) -> 
     gossip's IHAVE/IWANT - none lost, none twice."""
     ids = [generate_identity(s) for s in "abcd"]
     nodes = [make_node(i, peers=tuple(peer_of(o) for o in ids if o is not i)) for i in ids]
-    for left, right in zip(nodes, nodes[1:]):
+    for left, right in itertools.pairwise(nodes):
         left.connect(right.addrs[0])
     got: list[list[bytes]] = [[] for _ in nodes]
     for node, inbox in zip(nodes, got):
