@@ -1,4 +1,4 @@
-"""The bulk data channel of ``/hive/tensors/1.2.0``: tensor bodies over a direct TCP
+"""The bulk data channel of ``/hive/tensors/1.4.0``: tensor bodies over a direct TCP
 connection with ChaCha20-Poly1305 records, keyed over the Noise-authenticated tensor stream.
 
 Negotiation (JSON frames on the libp2p tensor stream, after the header / resume)::

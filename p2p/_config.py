@@ -65,6 +65,10 @@ class NodeConfig:
     # agreed over the Noise stream; ~20x faster than py-libp2p's yamux/Noise path); falls
     # back to the stream when the peer's bulk port cannot be reached. Off: always in-stream.
     tensor_bulk: bool = True
+    # Tensor stream: bytes of receive buffers kept for reuse by later transfers of the same
+    # size, once nothing references a finished transfer's data (fresh memory costs about as
+    # much as decrypting it); kept at most tensor_resume_ttl seconds. 0: none kept.
+    tensor_buffer_pool: int = 2048 * MiB
     # Tensor stream: seconds to open the direct bulk connection before falling back.
     tensor_bulk_timeout: float = 2.0
     # Tensor stream: socket send/receive buffer bytes of a bulk connection.
@@ -122,6 +126,7 @@ class NodeConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"NodeConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("tensor_retries", "tensor_resume_attempts", "tensor_resume_bytes",
+                     "tensor_buffer_pool",
                      "degraded_rtt_min"):
             if getattr(self, name) < 0:
                 raise ValueError(f"NodeConfig.{name} must be >= 0, got {getattr(self, name)}")

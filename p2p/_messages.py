@@ -1,7 +1,7 @@
 """Wire messages of the hive protocols: frozen pydantic models, validated on arrival.
 
 Every frame payload of ``/hive/rpc/1.0.0`` is one JSON envelope (:data:`RpcEnvelope`);
-the control frames of ``/hive/tensors/1.1.0`` are :class:`TensorHeader`,
+the control frames of ``/hive/tensors/1.3.0`` are :class:`TensorHeader`,
 :class:`TransferResume`, :class:`ChunkAck` and :class:`TransferDone`. Unknown fields are
 refused (``extra="forbid"``) so a newer peer sending something this version does not
 understand fails loudly, not silently.
@@ -107,7 +107,9 @@ class TensorHeader(BaseModel):
     """First frame of a tensor transfer: what follows and how it is cut.
 
     ``size`` bytes of safetensors data follow in ``chunks`` chunks of ``chunk_size`` bytes
-    (the last may be shorter); ``blake2b`` (hex, 32-byte digest) covers all of it.
+    (the last may be shorter); ``xxh3`` (hex XXH3-128 digest) covers all of it - against
+    reassembly and resume mistakes, not attackers: every chunk is already authenticated
+    (Noise, or the bulk channel's ChaCha20-Poly1305 records).
     ``attempt`` > 0 marks a resumed transfer (same ``transfer_id`` after the link dropped):
     the receiver answers with :class:`TransferResume` before any chunk is sent.
     """
@@ -119,7 +121,7 @@ class TensorHeader(BaseModel):
     size: Annotated[int, Field(ge=0)]
     chunk_size: Annotated[int, Field(ge=1)]
     chunks: Annotated[int, Field(ge=0)]
-    blake2b: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    xxh3: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
     tensors: tuple[TensorInfo, ...] = ()
     metadata: dict[str, str] = Field(default_factory=dict)
     attempt: Annotated[int, Field(ge=0, le=1000)] = 0

@@ -48,7 +48,7 @@ def to_safetensors(tensors: Mapping[str, Any] | bytes | bytearray | memoryview,
     return save_numpy(dict(tensors), metadata=meta)
 
 
-def describe(data: bytes | memoryview) -> tuple[tuple[TensorInfo, ...], dict[str, str]]:
+def describe(data: bytes | bytearray | memoryview) -> tuple[tuple[TensorInfo, ...], dict[str, str]]:
     """The tensors (name, dtype, shape) and metadata a safetensors blob declares.
 
     Raises:
@@ -72,15 +72,72 @@ def describe(data: bytes | memoryview) -> tuple[tuple[TensorInfo, ...], dict[str
     return infos, metadata
 
 
-def load_numpy(data: bytes) -> dict[str, Any]:
-    """``{name: numpy.ndarray}`` from safetensors bytes."""
-    from safetensors.numpy import load
+def _entries(data: bytes | bytearray | memoryview) -> tuple[int, dict[str, Any]]:
+    """(offset of the data section, the header's tensor entries) of a safetensors blob
+    (``describe`` has checked its shape when it came over the tensor stream)."""
+    describe(data)
+    view = memoryview(data)
+    (size,) = struct.unpack("<Q", view[:8])
+    header = json.loads(bytes(view[8:8 + size]))
+    header.pop("__metadata__", None)
+    return 8 + size, header
 
-    return load(data)
+
+# safetensors dtype -> numpy dtype name (bfloat16 and the float8s have none in numpy)
+_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+          "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
-def load_torch(data: bytes) -> dict[str, Any]:
-    """``{name: torch.Tensor}`` from safetensors bytes (needs torch)."""
-    from safetensors.torch import load
+def load_numpy(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """``{name: numpy.ndarray}`` over safetensors ``data`` (no copy).
 
-    return load(data)
+    Raises:
+        ProtocolError: a tensor's dtype has no numpy equivalent (bfloat16, float8: use
+            ``load_torch``), or the blob is malformed.
+    """
+    import numpy as np
+
+    start, entries = _entries(data)
+    out = {}
+    for name, spec in entries.items():
+        dtype = _NUMPY.get(spec["dtype"])
+        if dtype is None:
+            raise ProtocolError(f"tensor {name!r} is {spec['dtype']}, which numpy cannot hold; "
+                                "load it with .torch()")
+        first, end = spec["data_offsets"]
+        count = (end - first) // np.dtype(dtype).itemsize
+        out[name] = np.frombuffer(data, dtype=dtype, count=count,
+                                  offset=start + first).reshape(spec["shape"])
+    return out
+
+
+def load_torch(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """``{name: torch.Tensor}`` over safetensors ``data`` (no copy; needs torch)."""
+    import warnings
+
+    import torch
+
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+              "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None),
+              "U64": getattr(torch, "uint64", None),
+              "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+              "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+    start, entries = _entries(data)
+    out = {}
+    with warnings.catch_warnings():  # bytes are read-only: torch warns, the tensors are fine
+        warnings.simplefilter("ignore", UserWarning)
+        for name, spec in entries.items():
+            dtype = dtypes.get(spec["dtype"])
+            if dtype is None:
+                raise ProtocolError(f"tensor {name!r} is {spec['dtype']}, which this torch "
+                                    "cannot hold")
+            first, end = spec["data_offsets"]
+            if end == first:
+                out[name] = torch.empty(spec["shape"], dtype=dtype)
+                continue
+            count = (end - first) // dtype.itemsize
+            out[name] = torch.frombuffer(data, dtype=dtype, count=count,
+                                         offset=start + first).reshape(spec["shape"])
+    return out

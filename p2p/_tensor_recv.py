@@ -1,7 +1,7 @@
 """Receiving tensor transfers (trio side), keeping interrupted ones for the sender to resume.
 
 See ``p2p/_tensors.py`` for the protocol. A transfer's state (buffer, verified chunks, the
-running blake2b) lives in a :class:`_Partial` keyed by sender + transfer id + size + digest,
+running XXH3-128) lives in a :class:`_Partial` keyed by sender + transfer id + size + digest,
 not in the stream: when a stream dies mid-body the state stays in the store for
 ``tensor_resume_ttl`` seconds, and a resent header (a new stream) picks it up - cancelling a
 stale stream that still holds it. Finished transfers keep only their reply, so a header
@@ -11,17 +11,19 @@ The store holds at most ``tensor_resume_bytes`` of idle buffers (oldest dropped 
 
 from __future__ import annotations
 
-import hashlib
 import math
+import mmap
 import socket
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+import xxhash
 from pydantic import JsonValue, ValidationError
 
 from p2p import _bulk
+from p2p._buffers import BufferPool
 from p2p._config import NodeConfig
 from p2p._exceptions import P2PError, ProtocolError
 from p2p._frames import FrameStream
@@ -39,12 +41,12 @@ TensorHandler = Callable[[ReceivedTensors], Awaitable[JsonValue]]
 class _Partial:
     """One transfer's receiving state, independent of the stream carrying it."""
 
-    def __init__(self, header: TensorHeader) -> None:
+    def __init__(self, header: TensorHeader, buf: bytearray | mmap.mmap) -> None:
         self.size, self.step, self.count = header.size, header.chunk_size, header.chunks
-        self.buf = bytearray(self.size)  # allocated only after the size check
+        self.buf = buf  # allocated (or taken from the pool) only after the size check
         self.have = bytearray(self.count)
         self.failures = [0] * self.count
-        self.digest = hashlib.blake2b(digest_size=32)
+        self.digest = xxhash.xxh3_128()
         self.hashed = 0
         self.missing = self.count
         self.done: TransferDone | None = None
@@ -86,7 +88,7 @@ class _Partial:
 
 
 def _key(peer: str, header: TensorHeader) -> tuple[str, str, int, int, str]:
-    return peer, header.transfer_id, header.size, header.chunk_size, header.blake2b
+    return peer, header.transfer_id, header.size, header.chunk_size, header.xxh3
 
 
 class TensorServer:
@@ -97,17 +99,18 @@ class TensorServer:
         self._admit = admit
         self.handler: TensorHandler | None = None
         self._partials: dict[tuple[str, str, int, int, str], _Partial] = {}
+        self.pool = BufferPool(config.tensor_buffer_pool, config.tensor_resume_ttl)
         self.bulk_transfers = 0  # attempts whose body came over the bulk channel
         self.bulk_refused = 0  # bulk connections closed because their hello did not verify
         # test hook: called with each bulk listener before its port is offered
         self.bulk_listening: Callable[[socket.socket], None] | None = None
 
     async def handle_stream(self, stream: Any, peer: str) -> None:
-        """Serve one ``/hive/tensors/1.1.0`` attempt (body in-stream)."""
+        """Serve one ``/hive/tensors/1.3.0`` attempt (body in-stream)."""
         await self._serve(stream, peer, bulk=False)
 
     async def handle_bulk_stream(self, stream: Any, peer: str) -> None:
-        """Serve one ``/hive/tensors/1.2.0`` attempt (body on the bulk channel if possible)."""
+        """Serve one ``/hive/tensors/1.4.0`` attempt (body on the bulk channel if possible)."""
         await self._serve(stream, peer, bulk=True)
 
     async def _serve(self, stream: Any, peer: str, bulk: bool) -> None:
@@ -141,6 +144,7 @@ class TensorServer:
         for key, part in list(self._partials.items()):
             if part.owner is None and part.touched < cutoff:
                 del self._partials[key]
+        self.pool.sweep()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Sweep the store every few seconds, until cancelled."""
@@ -168,7 +172,7 @@ class TensorServer:
             part = self._partials.get(key)
         if part is None:
             self._make_room(header.size)
-            part = self._partials[key] = _Partial(header)
+            part = self._partials[key] = _Partial(header, self.pool.take(header.size))
         part.owner, part.released = scope, trio.Event()
         return part
 
@@ -226,7 +230,8 @@ class TensorServer:
             await frames.write_frame(_json(ChunkAck(index=index, ok=True)))
         # all chunks are in: a resent header now waits for this (see _claim), never cancels it
         part.done = await self._finish(peer, header, part)
-        part.buf = bytearray()
+        buf, part.buf = part.buf, bytearray()
+        self.pool.give(buf)
         if not part.done.ok and part.done.error_type in ("DigestMismatch", "HeaderMismatch"):
             self._partials.pop(key, None)
         return part.done
@@ -323,10 +328,10 @@ class TensorServer:
                             error=f"chunk {index} failed its CRC32 {part.failures[index]} times")
 
     async def _finish(self, peer: str, header: TensorHeader, part: _Partial) -> TransferDone:
-        if part.digest.hexdigest() != header.blake2b:
+        if part.digest.hexdigest() != header.xxh3:
             return TransferDone(ok=False, error_type="DigestMismatch",
-                                error="every chunk passed its CRC32 but the blake2b differs")
-        data = bytes(part.buf)
+                                error="every chunk passed its check but the XXH3-128 differs")
+        data = memoryview(part.buf)  # the buffer itself: a copy of a large transfer costs seconds
         tensors, metadata = describe(data)
         if tensors != header.tensors or metadata != header.metadata:
             return TransferDone(ok=False, error_type="HeaderMismatch",

@@ -167,8 +167,8 @@ class _Sender:
         return done
 
     async def _open(self) -> tuple[Any, bool]:
-        """A tensor stream, and whether it is ``1.2.0`` (bulk offer: when enabled and the
-        peer serves it) rather than ``1.1.0``."""
+        """A tensor stream, and whether it is ``1.4.0`` (bulk offer: when enabled and the
+        peer serves it) rather than ``1.3.0``."""
         if self.bulk is not None:
             try:
                 return await self.host.open_stream(self.peer_id, TENSOR_BULK_PROTOCOL), True
@@ -301,9 +301,9 @@ async def send_transfer(host: Host, peer_id: str, header: TensorHeader, data: by
         backoff: delays between attempts (default :class:`~p2p.Backoff`).
         mangle: fault injection for tests: ``mangle(index, crc_retry, chunk)`` returns the
             bytes actually sent for that chunk.
-        bulk: ``(connect timeout, socket buffer)`` to offer ``/hive/tensors/1.2.0`` and send
+        bulk: ``(connect timeout, socket buffer)`` to offer ``/hive/tensors/1.4.0`` and send
             the body over the bulk channel when the receiver's port is reachable; None:
-            ``1.1.0``, in-stream.
+            ``1.3.0``, in-stream.
 
     Raises:
         ChecksumError: a chunk kept failing its CRC32.

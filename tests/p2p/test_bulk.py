@@ -1,4 +1,4 @@
-"""The bulk data channel of /hive/tensors/1.2.0: bodies over a direct, keyed TCP connection,
+"""The bulk data channel of /hive/tensors/1.4.0: bodies over a direct, keyed TCP connection,
 falling back in-stream, refusing strangers, resuming after a cut (real nodes, loopback)."""
 
 from __future__ import annotations
@@ -125,3 +125,29 @@ def test_a_bulk_connection_cut_mid_body_resumes_from_verified_chunks() -> None:
     assert cut.is_set() and stats.resumes == 1 and used == 2
     assert stats.resumed_bytes >= 12 * 256 * KiB, stats  # the first half was not sent again
     assert stats.bulk_bytes == stats.bytes_sent and stats.resent_bytes <= 4 * 256 * KiB
+
+
+def test_receive_buffers_are_reused_only_when_nothing_holds_them(pair: Pair) -> None:
+    """Three 4 MiB transfers: the 1st handler keeps an array over its data, so the 2nd gets a
+    fresh buffer (and the kept array stays intact); the 2nd keeps nothing, so the 3rd reuses
+    its buffer."""
+    first, second, third = (_data(1 << 20, seed) for seed in (1, 2, 3))
+    kept: list[np.ndarray] = []
+    pool = pair.b._mesh.tensors.pool  # type: ignore[attr-defined]
+
+    def on_tensors(t: ReceivedTensors) -> JsonValue:
+        if not kept:
+            kept.append(t.numpy()["w"])  # an array over the receive buffer: holds it
+        return bytes(t.data) == expected[0]
+
+    pair.b.on_tensors(on_tensors)
+    expected = [first]
+    assert pair.a.send_tensors(pair.b.peer_id, first, timeout=60).result is True
+    expected = [second]
+    assert pair.a.send_tensors(pair.b.peer_id, second, timeout=60).result is True
+    assert pool.reused == 0  # the first buffer is still held by `kept`
+    expected = [third]
+    assert pair.a.send_tensors(pair.b.peer_id, third, timeout=60).result is True
+    assert pool.reused == 1  # the second one came back and was used again
+    want = np.frombuffer(first, dtype=np.float32, offset=len(first) - (4 << 20))
+    assert np.array_equal(kept[0], want)  # untouched by the later transfers
