@@ -12,8 +12,8 @@ Sections (each one dict in ``results``, with its ``config``):
 2. ``connect``: a fresh connection (TCP + Noise XX handshake + yamux) to a peer process,
    ``Node.connect`` then ``disconnect``, N times. Goal: p50 <= 10 ms.
 3. ``gossip``: one publisher, 20 subscriber nodes, each in its own process like a site (each
-   connected to the publisher and to two ring neighbours), M messages at ``--rate`` per second (20; every
-   message is ~80 Noise frames across the mesh, all in Python); latency until *all 20*
+   connected to the publisher and to two ring neighbours), M messages at ``--rate`` per second (20; the publisher
+   sends each to all 20 itself: flood publishing, mesh degree 1); latency until *all 20*
    received a message (receive clock - publish clock, same host). Goals: p50 <= 50 ms,
    p99 <= 200 ms, 0 lost.
 4. ``reconnect``: SIGKILL the peer process and start it again at once (same identity and
