@@ -53,6 +53,7 @@ from multiaddr import Multiaddr
 
 from p2p._allowlist import Allowlist, DeniedEvent
 from p2p._config import NodeConfig
+from p2p._exceptions import NodeClosedError
 from p2p._host import Host
 
 __all__ = ["Gossip", "GossipMessage"]
@@ -261,6 +262,8 @@ class Gossip:
                                             seqno=int.from_bytes(msg.seqno, "big"))
                     try:
                         await handler(message)
+                    except NodeClosedError:  # the node is closing: messages still queued
+                        return               # have nowhere to go (not a handler failure)
                     except Exception:  # one bad message must not end the subscription
                         logger.exception("gossip handler for %r failed", topic)
 
