@@ -94,9 +94,27 @@ def host_info(**extra: Any) -> dict[str, Any]:
         "hostname": platform.node(), "loadavg_1_5_15": load,
         "ray": _version("ray"), "hive": _version("hive-cluster") or _version("hive"),
         "vm_free_page_reporting": _free_page_reporting(),
+        "damon_pageout": _damon_pageout(),
     }
     info.update(extra)
     return info
+
+
+def _damon_pageout() -> bool:
+    """True when a running DAMON kdamond has a ``pageout`` scheme: the kernel evicts memory
+    (page cache included) that went unaccessed for a while, and on a VM the freed pages may
+    go back to the host - a checkpoint "in the page cache" can be cold again a minute later."""
+    root = Path("/sys/kernel/mm/damon/admin/kdamonds")
+    try:
+        for kdamond in root.glob("[0-9]*"):
+            if (kdamond / "state").read_text().strip() != "on":
+                continue
+            for action in kdamond.glob("contexts/*/schemes/*/action"):
+                if action.read_text().strip() == "pageout":
+                    return True
+    except OSError:
+        pass
+    return False
 
 
 def _free_page_reporting() -> bool | None:

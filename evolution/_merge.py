@@ -7,11 +7,12 @@ starts a ``PieceMerger`` (``MergeMethod.start``) and the tensor goes through it 
 ``_PIECE_ELEMENTS`` (1 Mi) elements: first the statistics passes the method asks for (TIES
 and breadcrumbs rank each task vector's magnitudes, SLERP takes the norms and the angle — only
 for tensors larger than one piece), then the merge pass, which writes each merged piece into
-an output buffer, casts it to the output dtype, rejects NaN/inf and hands it to a writer thread
-that appends it to the output safetensors file (whose header was written first,
-``_tensor_writer.ShardedWriter``) and hashes it (``_checksum``: xxh3-128 unless
-``checksum="sha256"``). Up to ``_IN_FLIGHT`` (3) written pieces are in flight, so reading,
-merging and writing overlap.
+an output buffer, casts it to the output dtype and hands it to a writer thread that rejects
+NaN/inf (off the merging thread's critical path), appends it to the output safetensors file
+(whose header was written first, ``_tensor_writer.ShardedWriter``) and hashes it
+(``_checksum``: xxh3-128 unless ``checksum="sha256"``). Up to ``_IN_FLIGHT`` (3) written
+pieces are in flight, so reading, merging and writing overlap; after a piece fails its check
+the writer writes nothing more, and the merge raises that first failure.
 
 Inputs are read through private memory maps (``SafetensorsReader.view``): a float32 input is
 merged where the page cache holds it, without a copy; other dtypes are cast piece by piece
@@ -48,12 +49,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -108,8 +111,8 @@ class MergeResult(BaseModel):
     bytes_written: int  # tensor bytes written
     seconds: float  # wall time of the whole merge
     read_seconds: float  # reading input tensors and casting them to float32
-    merge_seconds: float  # the method, the output cast and the NaN/inf check
-    write_seconds: float  # writer thread: writing and hashing (overlaps the other two)
+    merge_seconds: float  # the method and the output cast
+    write_seconds: float  # writer thread: NaN/inf check, writing, hashing (overlaps the others)
 
     @property
     def sha256(self) -> str:
@@ -242,6 +245,7 @@ class _MergeLoop:
         self._out: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * _IN_FLIGHT
         self._pending: list[Future[float] | None] = [None] * _IN_FLIGHT
         self._slot = 0
+        self._failed = False  # a piece failed its check or its write: the writer stops
 
     def _inputs(self, step: PlanStep) -> list[tuple[int, MergeInput, str]]:
         """(slot, input, key) for each input of ``step``: slot 0 the base, then the models."""
@@ -304,7 +308,9 @@ class _MergeLoop:
                         self.bytes_read += copy.nbytes
                         self._submit(pool, writer, step.name, copy)
                     bar.update()
-                for i, pending in enumerate(self._pending):
+                for k in range(1, _IN_FLIGHT + 1):  # oldest first: its error is the first
+                    i = (self._slot + k) % _IN_FLIGHT
+                    pending = self._pending[i]
                     if pending is not None:
                         self.write_s += pending.result()
                         self._pending[i] = None
@@ -320,7 +326,7 @@ class _MergeLoop:
         pending = self._pending[self._slot]
         if pending is not None:
             self.write_s += pending.result()
-        self._pending[self._slot] = pool.submit(_timed_append, writer, name, piece)
+        self._pending[self._slot] = pool.submit(self._write, writer, name, piece, None)
 
     def _merge_step(self, step: PlanStep, writer: ShardedWriter, pool: ThreadPoolExecutor) -> None:
         numel = math.prod(step.out.shape)
@@ -357,41 +363,55 @@ class _MergeLoop:
                     self._scratch = torch.empty(piece)
                 merger.merge(first, base, tensors, self._scratch[:count])
                 out.copy_(self._scratch[:count])
-            _check_finite(step, out, self.base, base, tensors, self.models)
             self.merge_s += time.perf_counter() - start
             self._release(inputs, first, count)
-            self._pending[self._slot] = pool.submit(_timed_append, writer, step.name, out)
+            check = functools.partial(_check_finite, step, out, inputs, first, count)
+            self._pending[self._slot] = pool.submit(self._write, writer, step.name, out, check)
 
-
-def _timed_append(writer: ShardedWriter, name: str, piece: torch.Tensor) -> float:
-    start = time.perf_counter()
-    writer.append(name, piece)
-    return time.perf_counter() - start
+    def _write(
+        self,
+        writer: ShardedWriter,
+        name: str,
+        piece: torch.Tensor,
+        check: Callable[[], None] | None,
+    ) -> float:
+        """Writer thread: ``check`` the piece (NaN/inf: off the merging thread's critical
+        path), then append it; nothing more is written once a piece failed."""
+        if self._failed:
+            return 0.0
+        start = time.perf_counter()
+        try:
+            if check is not None:
+                check()
+            writer.append(name, piece)
+        except BaseException:
+            self._failed = True
+            raise
+        return time.perf_counter() - start
 
 
 def _check_finite(
     step: PlanStep,
     result: torch.Tensor,
-    base: MergeInput | None,
-    base_t: torch.Tensor | None,
-    tensors: list[torch.Tensor],
-    models: list[MergeInput],
+    inputs: list[tuple[int, MergeInput, str]],
+    first: int,
+    count: int,
 ) -> None:
-    """Raise ``NonFiniteError`` when ``result`` has NaN/inf (one min/max pass: NaN propagates)."""
+    """Raise ``NonFiniteError`` when ``result`` has NaN/inf (one min/max pass: NaN propagates).
+
+    The error names the inputs whose elements ``first .. first + count`` already hold NaN/inf
+    (read again from their files: the merge's own buffers may hold the next piece by now).
+    """
     if result.numel() == 0:
         return
     low, high = torch.aminmax(result)
     if math.isfinite(float(low)) and math.isfinite(float(high)):
         return
     bad = int((~torch.isfinite(result)).sum())
-    inputs: list[tuple[MergeInput | None, torch.Tensor | None]] = []
-    if base is not None:
-        inputs.append((base, base_t))
-    inputs += list(zip(models, tensors))
     culprits = [
         f"{item.label} {item.path}"
-        for item, tensor in inputs
-        if item is not None and tensor is not None and not bool(torch.isfinite(tensor).all())
+        for _, item, key in inputs
+        if not bool(torch.isfinite(item.reader.view(key, check=False)[first : first + count]).all())
     ]
     if culprits:
         hint = f"the input(s) {', '.join(culprits)} already hold NaN/inf in this tensor"

@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 
 from evolution.merge_methods._base import (
+    WIDE_TILE,
     MergeParams,
     OptionValue,
     PieceMerger,
@@ -81,7 +82,7 @@ class _LinearMerger(PieceMerger):
         tensors: Sequence[torch.Tensor],
         out: torch.Tensor,
     ) -> None:
-        for start, stop in tiles(out.numel(), out.device):
+        for start, stop in tiles(out.numel(), out.device, WIDE_TILE):
             o = torch.mul(tensors[0][start:stop], self.factors[0], out=out[start:stop])
             for tensor, factor in zip(tensors[1:], self.factors[1:]):
                 o.add_(tensor[start:stop], alpha=factor)

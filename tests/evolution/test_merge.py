@@ -303,13 +303,13 @@ def test_a_method_returning_its_input_is_written_intact(
         def merge_tensor(self, name, base, tensors, params):  # type: ignore[no-untyped-def]
             return tensors[0]  # a view of a reusable read buffer
 
-    slow = _merge._timed_append
+    slow = _merge._MergeLoop._write
 
-    def slow_write(writer, name, tensor):  # type: ignore[no-untyped-def]
+    def slow_write(self, writer, name, tensor, check):  # type: ignore[no-untyped-def]
         time.sleep(0.02)  # the next tensor's read lands first
-        return slow(writer, name, tensor)
+        return slow(self, writer, name, tensor, check)
 
-    monkeypatch.setattr(_merge, "_timed_append", slow_write)
+    monkeypatch.setattr(_merge._MergeLoop, "_write", slow_write)
     register(First)
     try:
         recipe = MergeRecipe(method="test_first", models=[{"path": str(p)} for p in llamas.models])
