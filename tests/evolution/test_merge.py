@@ -374,3 +374,22 @@ def test_checksum_is_xxh3_by_default_and_sha256_on_request(llamas: TinySet, tmp_
     with pytest.raises(ValueError, match="unknown checksum 'md5'"):
         merge(recipe, tmp_path / "bad", progress=False, checksum="md5")  # type: ignore[arg-type]
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_nan_in_a_middle_piece_rejects_the_merge_with_that_tensor(tmp_path: Path) -> None:
+    """The writer thread checks each piece: a NaN in the 2nd of 3 pieces of the first tensor
+    stops the merge with that tensor named, while later pieces were already being merged."""
+    n = 3 << 20  # 3 pieces of 1 Mi elements
+    good = {"a.weight": torch.ones(n), "b.weight": torch.ones(n)}
+    bad = {k: v.clone() for k, v in good.items()}
+    bad["a.weight"][(1 << 20) + 5] = float("nan")
+    for name, tensors in (("good", good), ("bad", bad)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    recipe = MergeRecipe(method="linear", models=[{"path": str(tmp_path / "good")},
+                                                  {"path": str(tmp_path / "bad")}])
+    with pytest.raises(NonFiniteError, match="'a.weight' has 1 NaN/inf.*models\\[1\\]") as info:
+        merge(recipe, tmp_path / "out", progress=False)
+    assert info.value.tensor == "a.weight" and info.value.count == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "good"]  # nothing left behind
