@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -48,11 +48,12 @@ def to_safetensors(tensors: Mapping[str, Any] | bytes | bytearray | memoryview,
     return save_numpy(dict(tensors), metadata=meta)
 
 
-def describe(data: bytes | bytearray | memoryview) -> tuple[tuple[TensorInfo, ...], dict[str, str]]:
-    """The tensors (name, dtype, shape) and metadata a safetensors blob declares.
+def _header(data: bytes | bytearray | memoryview) -> tuple[int, dict[str, Any]]:
+    """(offset of the data section, the parsed JSON header) of a safetensors blob.
 
     Raises:
-        ProtocolError: ``data`` is not a well-formed safetensors blob.
+        ProtocolError: no 8-byte length, a length past the data, or a header that is not a
+            JSON object.
     """
     view = memoryview(data)
     if len(view) < 8:
@@ -62,6 +63,21 @@ def describe(data: bytes | bytearray | memoryview) -> tuple[tuple[TensorInfo, ..
         raise ProtocolError(f"not safetensors: header length {size} exceeds the data")
     try:
         header = json.loads(bytes(view[8:8 + size]))
+    except ValueError as err:
+        raise ProtocolError(f"not safetensors: bad header ({err})") from err
+    if not isinstance(header, dict):
+        raise ProtocolError("not safetensors: the header is not a JSON object")
+    return 8 + size, header
+
+
+def describe(data: bytes | bytearray | memoryview) -> tuple[tuple[TensorInfo, ...], dict[str, str]]:
+    """The tensors (name, dtype, shape) and metadata a safetensors blob declares.
+
+    Raises:
+        ProtocolError: ``data`` is not a well-formed safetensors blob.
+    """
+    _, header = _header(data)
+    try:
         metadata = header.pop("__metadata__", None) or {}
         infos = tuple(TensorInfo(name=name, dtype=spec["dtype"], shape=tuple(spec["shape"]))
                       for name, spec in sorted(header.items()))
@@ -72,15 +88,16 @@ def describe(data: bytes | bytearray | memoryview) -> tuple[tuple[TensorInfo, ..
     return infos, metadata
 
 
-def _entries(data: bytes | bytearray | memoryview) -> tuple[int, dict[str, Any]]:
-    """(offset of the data section, the header's tensor entries) of a safetensors blob
-    (``describe`` has checked its shape when it came over the tensor stream)."""
-    describe(data)
-    view = memoryview(data)
-    (size,) = struct.unpack("<Q", view[:8])
-    header = json.loads(bytes(view[8:8 + size]))
+def _tensors(data: bytes | bytearray | memoryview) -> Iterator[tuple[str, str, list[int], int, int]]:
+    """(name, safetensors dtype, shape, absolute byte offset, byte length) per tensor."""
+    start, header = _header(data)
     header.pop("__metadata__", None)
-    return 8 + size, header
+    try:
+        for name, spec in header.items():
+            first, end = spec["data_offsets"]
+            yield name, spec["dtype"], list(spec["shape"]), start + first, end - first
+    except (TypeError, KeyError, ValueError) as err:
+        raise ProtocolError(f"not safetensors: bad header ({err})") from err
 
 
 # safetensors dtype -> numpy dtype name (bfloat16 and the float8s have none in numpy)
@@ -97,17 +114,14 @@ def load_numpy(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     """
     import numpy as np
 
-    start, entries = _entries(data)
     out = {}
-    for name, spec in entries.items():
-        dtype = _NUMPY.get(spec["dtype"])
+    for name, code, shape, offset, nbytes in _tensors(data):
+        dtype = _NUMPY.get(code)
         if dtype is None:
-            raise ProtocolError(f"tensor {name!r} is {spec['dtype']}, which numpy cannot hold; "
+            raise ProtocolError(f"tensor {name!r} is {code}, which numpy cannot hold; "
                                 "load it with .torch()")
-        first, end = spec["data_offsets"]
-        count = (end - first) // np.dtype(dtype).itemsize
-        out[name] = np.frombuffer(data, dtype=dtype, count=count,
-                                  offset=start + first).reshape(spec["shape"])
+        out[name] = np.frombuffer(data, dtype=dtype, count=nbytes // np.dtype(dtype).itemsize,
+                                  offset=offset).reshape(shape)
     return out
 
 
@@ -124,20 +138,14 @@ def load_torch(data: bytes | bytearray | memoryview) -> dict[str, Any]:
               "U64": getattr(torch, "uint64", None),
               "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
               "F8_E5M2": getattr(torch, "float8_e5m2", None)}
-    start, entries = _entries(data)
     out = {}
     with warnings.catch_warnings():  # bytes are read-only: torch warns, the tensors are fine
         warnings.simplefilter("ignore", UserWarning)
-        for name, spec in entries.items():
-            dtype = dtypes.get(spec["dtype"])
+        for name, code, shape, offset, nbytes in _tensors(data):
+            dtype = dtypes.get(code)
             if dtype is None:
-                raise ProtocolError(f"tensor {name!r} is {spec['dtype']}, which this torch "
-                                    "cannot hold")
-            first, end = spec["data_offsets"]
-            if end == first:
-                out[name] = torch.empty(spec["shape"], dtype=dtype)
-                continue
-            count = (end - first) // dtype.itemsize
-            out[name] = torch.frombuffer(data, dtype=dtype, count=count,
-                                         offset=start + first).reshape(spec["shape"])
+                raise ProtocolError(f"tensor {name!r} is {code}, which this torch cannot hold")
+            out[name] = (torch.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize,
+                                          offset=offset).reshape(shape)
+                         if nbytes else torch.empty(shape, dtype=dtype))
     return out

@@ -168,12 +168,18 @@ class RankedMerger(PieceMerger):
     """A piece merger that ranks each model's task-vector magnitudes ``|tensor - base|``.
 
     Subclasses fill ``self.ranks`` (one ``MagnitudeRanks`` per model, None where nothing is
-    ranked), ``self.single`` (the tensor comes in one piece) and ``self.passes``; this class
-    runs the statistics passes, and ``rank_whole`` ranks a single-piece tensor on the spot.
+    ranked) and ``self.single`` (the tensor comes in one piece); this class runs the
+    statistics passes the ranks need, and ``rank_whole`` ranks a single-piece tensor on the
+    spot.
     """
 
     ranks: list[MagnitudeRanks | None]
     single: bool
+
+    @property
+    def passes(self) -> int:  # type: ignore[override]  # derived here, an attribute elsewhere
+        """Statistics passes: as many as the most demanding model's ranking needs."""
+        return max((r.passes for r in self.ranks if r is not None), default=0)
 
     def observe(
         self,

@@ -78,7 +78,6 @@ class _BreadcrumbsMerger(RankedMerger):
             ks = [n_top + n_keep, n_top] if n_top > 0 else [n_keep]
             ok = numel > 0 and n_keep > 0
             self.ranks.append(MagnitudeRanks(numel, ks, whole=self.single) if ok else None)
-        self.passes = max((r.passes for r in self.ranks if r is not None), default=0)
 
     def merge(
         self,

@@ -106,7 +106,6 @@ class TiesMerger(RankedMerger):
                 self.ranks.append(ranks)
                 continue
             self.ranks.append(None)
-        self.passes = max((r.passes for r in self.ranks if r is not None), default=0)
 
     def merge(
         self,
