@@ -8,14 +8,17 @@ checkpoint per candidate would cost a disk write and a model load each time, so 
    ``merge()`` copies), and kept resident on the evaluator's device;
 2. every input checkpoint's tensors are read once (float32, on that device) and cached;
 3. per candidate, each floating tensor of the template is merged with the recipe's method
-   (``MergeMethod.merge_tensor``, exactly as ``merge()`` calls it, tensor plan included: same
-   keys, tied heads, shapes checked), cast to the recipe's output dtype, checked for NaN/inf
-   and copied into the resident parameter. Integer tensors keep the template's values.
+   straight into the resident parameter (``MergeMethod.merge_into``: the same ``PieceMerger``
+   the streaming ``merge()`` feeds, 1 Mi elements at a time on the CPU, the whole tensor on a
+   GPU; tensor plan included: same keys, tied heads, shapes checked). Each merged piece is
+   checked for NaN/inf and rounded to the recipe's output dtype in place. Nothing is allocated
+   per candidate, so the merge runs at memory speed on memory the process already holds.
+   Integer tensors keep the template's values.
 
 The merged model is therefore bit-for-bit the one ``merge()`` would write (for the same recipe),
 so the champion materialised on disk scores what its candidate scored. A non-finite merged
-tensor raises ``NonFiniteError`` before anything of that candidate is used; the resident
-weights are then stale but every floating tensor is rewritten by the next candidate.
+piece raises ``NonFiniteError`` before that candidate is scored; the resident weights are then
+partly overwritten, but every floating tensor is rewritten by the next candidate.
 
 The cache holds every input's weights in memory (three tiny models here); for large models
 keep ``max_cached_inputs`` small or stream from disk with ``merge()`` instead.
@@ -28,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -36,10 +40,35 @@ from typing import Any
 import torch
 
 from evolution._exceptions import MergeError, NonFiniteError
+from evolution._merge import all_finite
 from evolution._merge_plan import PlanStep, check_architectures, open_inputs, plan_merge
 from evolution._recipe import MergeRecipe
 
 __all__ = ["ResidentModel"]
+
+_CPU_PIECE = 1024**2  # elements merged at a time on the CPU (as the streaming merge): 4 MiB
+
+
+def _piece(device: torch.device) -> int | None:
+    """Elements per piece: 1 Mi on the CPU (a piece's check runs while it is in the cache),
+    the whole tensor elsewhere (one kernel launch per step)."""
+    return _CPU_PIECE if device.type == "cpu" else None
+
+
+def _finish_piece(name: str, dtype: torch.dtype, first: int, piece: torch.Tensor) -> None:
+    """Round a merged piece to the recipe's ``dtype`` in place; reject it if it has NaN/inf
+    (after rounding: a float32 value beyond float16's range becomes inf)."""
+    if dtype != piece.dtype:
+        piece.copy_(piece.to(dtype))
+    if not all_finite(piece):
+        bad = int((~torch.isfinite(piece)).sum())
+        raise NonFiniteError(
+            f"merged tensor {name!r} has {bad} NaN/inf values in elements {first} .. "
+            f"{first + piece.numel()} (as {str(dtype).removeprefix('torch.')}); the candidate "
+            "is rejected",
+            tensor=name,
+            count=bad,
+        )
 
 
 class ResidentModel:
@@ -144,17 +173,16 @@ class ResidentModel:
                     self._tensors[(sources[0], step.base_key)])  # fmt: skip
                 inputs = [self._tensors[(p, k)] for p, k in zip(sources[1:], step.model_keys)
                           if p is not None]  # fmt: skip
-                merged = method.merge_tensor(step.name, base, inputs, recipe.params_for(step.name))
-                merged = merged.to(step.out.dtype)
-                if not bool(torch.isfinite(merged).all()):
-                    bad = int((~torch.isfinite(merged)).sum())
-                    raise NonFiniteError(
-                        f"merged tensor {step.name!r} has {bad} NaN/inf values out of "
-                        f"{merged.numel()}; the candidate is rejected",
-                        tensor=step.name,
-                        count=bad,
-                    )
-                target.copy_(merged.to(target.dtype))
+                params = recipe.params_for(step.name)
+                if target.dtype == torch.float32 and target.is_contiguous():
+                    # straight into the parameter, piece by piece: no merged copy to allocate
+                    check = functools.partial(_finish_piece, step.name, step.out.dtype)
+                    method.merge_into(step.name, base, inputs, params, target,
+                                      piece=_piece(self.device), after=check)  # fmt: skip
+                else:  # a parameter the merge cannot write into: merge, then copy
+                    merged = method.merge_tensor(step.name, base, inputs, params)
+                    _finish_piece(step.name, step.out.dtype, 0, merged)
+                    target.copy_(merged)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started

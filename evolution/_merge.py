@@ -86,7 +86,7 @@ from evolution._recipe import MergeRecipe
 from evolution._tensor_reader import INDEX_FILE
 from evolution._tensor_writer import ShardedWriter
 
-__all__ = ["DEFAULT_MAX_SHARD_BYTES", "RECIPE_FILE", "MergeResult", "merge"]
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "RECIPE_FILE", "MergeResult", "all_finite", "merge"]
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3  # outputs above 2 GiB are sharded
 RECIPE_FILE = "merge_recipe.yaml"  # the recipe, saved beside the merged weights
@@ -390,6 +390,14 @@ class _MergeLoop:
         return time.perf_counter() - start
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN/inf: one min/max read pass (NaN propagates), no mask."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
 def _check_finite(
     step: PlanStep,
     result: torch.Tensor,
@@ -402,10 +410,7 @@ def _check_finite(
     The error names the inputs whose elements ``first .. first + count`` already hold NaN/inf
     (read again from their files: the merge's own buffers may hold the next piece by now).
     """
-    if result.numel() == 0:
-        return
-    low, high = torch.aminmax(result)
-    if math.isfinite(float(low)) and math.isfinite(float(high)):
+    if all_finite(result):
         return
     bad = int((~torch.isfinite(result)).sum())
     culprits = [

@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -263,17 +263,62 @@ class MergeMethod(ABC):
         params: MergeParams,
     ) -> torch.Tensor:
         """``merge_tensor`` through ``start``: the whole tensor as one piece (float32 result)."""
-        shape = tuple(tensors[0].shape)
+        out = torch.empty(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+        self.merge_into(name, base, tensors, params, out)
+        return out
+
+    def merge_into(
+        self,
+        name: str,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        params: MergeParams,
+        out: torch.Tensor,
+        piece: int | None = None,
+        after: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> None:
+        """Merge whole tensors into ``out`` (contiguous float32, same number of elements).
+
+        The tensors go through ``start``'s ``PieceMerger`` ``piece`` elements at a time
+        (statistics passes first), as the streaming merge feeds it, so the result has the same
+        bits whatever ``piece`` is. ``out`` must not share memory with an input.
+
+        Args:
+            name: checkpoint key of the tensor.
+            base: the base model's tensor, or None.
+            tensors: each model's tensor (float32, same shape).
+            params: per-model weights/densities/gammas and options for this tensor.
+            out: where the merged elements go (overwritten, any shape of the same numel).
+            piece: elements per piece; None means the whole tensor at once.
+            after: called with ``(first, merged piece)`` after each piece is written, e.g. to
+                check it or round it to another dtype in place; an exception stops the merge.
+        """
         numel = tensors[0].numel()
-        merger = self.start(name, shape, max(numel, 1), params)
+        piece = numel if piece is None else min(piece, numel)
+        merger = self.start(name, tuple(tensors[0].shape), max(piece, 1), params)
+        if merger.whole or piece >= numel:
+            piece = max(numel, 1)
+        else:
+            piece = max(merger.granule, piece // merger.granule * merger.granule)
         flat_base = None if base is None else base.reshape(-1)
         flats = [t.reshape(-1) for t in tensors]
+        flat_out = out.view(-1)
+        starts = range(0, numel, piece) if numel else range(1)
+
+        def cut(first: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+            stop = first + piece
+            return (None if flat_base is None else flat_base[first:stop],
+                    [t[first:stop] for t in flats])  # fmt: skip
+
         for pass_index in range(merger.passes):
-            merger.observe(pass_index, 0, flat_base, flats)
+            for first in starts:
+                merger.observe(pass_index, first, *cut(first))
             merger.end_pass(pass_index)
-        out = torch.empty(numel, dtype=torch.float32, device=tensors[0].device)
-        merger.merge(0, flat_base, flats, out)
-        return out.view(shape)
+        for first in starts:
+            target = flat_out[first : first + piece]
+            merger.merge(first, *cut(first), target)
+            if after is not None:
+                after(first, target)
 
     def check(self, params: MergeParams) -> None:
         """Reject parameter combinations the method cannot use (called at recipe validation).

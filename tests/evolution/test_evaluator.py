@@ -21,6 +21,7 @@ from evolution._inplace import ResidentModel
 from evolution._merge import merge
 from evolution.tasks import CallableTask, Perplexity
 from tests.evolution.helpers import TinySet, load_weights
+from tests.evolution.test_merge import METHODS, make_recipe
 
 WIKI = Perplexity("wiki", ["Hello world, this is a text.", "The quick brown fox."])
 
@@ -49,6 +50,26 @@ def test_in_place_merge_equals_the_streaming_merge(arch: str, request: pytest.Fi
     before = resident.load_seconds
     resident.apply(layout.to_recipe([0.5] * layout.dims))
     assert resident.load_seconds == before  # model and inputs stay cached
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_merges_in_place_in_pieces_bit_for_bit(
+    llamas: TinySet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Pieces of 1000 elements written straight into the parameters (statistics passes,
+    uneven last pieces, rounding to float16 in place) give the streaming merge's bits."""
+    from evolution import _inplace
+
+    monkeypatch.setattr(_inplace, "_CPU_PIECE", 1000)
+    recipe = make_recipe(llamas, method, dtype="float16")
+    resident = ResidentModel("cpu")
+    resident.apply(recipe)
+    written = load_weights(Path(merge(recipe, tmp_path / "out", progress=False).path))
+    live = resident.model.state_dict()
+    assert written
+    for name, tensor in written.items():
+        assert live[name].dtype == torch.float32  # the resident model stays float32 ...
+        assert torch.equal(live[name], tensor.to(torch.float32)), name  # ... rounded to fp16
 
 
 def test_scores_every_task_and_reports_timings(llamas: TinySet) -> None:
