@@ -376,6 +376,17 @@ def test_checksum_is_xxh3_by_default_and_sha256_on_request(llamas: TinySet, tmp_
     assert not (tmp_path / "bad").exists()
 
 
+def test_all_finite_checks_by_sum_and_confirms_an_overflowing_sum() -> None:
+    from evolution._merge import all_finite
+
+    assert all_finite(torch.ones(5)) and all_finite(torch.empty(0))
+    assert not all_finite(torch.tensor([1.0, float("nan"), 2.0]))
+    assert not all_finite(torch.tensor([float("-inf"), 2.0]))
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")]))  # sum NaN
+    assert all_finite(torch.full((4,), 3e38))  # the sum overflows; every element is finite
+    assert not all_finite(torch.tensor([65504.0, float("inf")], dtype=torch.float16))
+
+
 def test_a_nan_in_a_middle_piece_rejects_the_merge_with_that_tensor(tmp_path: Path) -> None:
     """The writer thread checks each piece: a NaN in the 2nd of 3 pieces of the first tensor
     stops the merge with that tensor named, while later pieces were already being merged."""
