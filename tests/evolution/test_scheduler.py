@@ -60,9 +60,18 @@ def _search(sched: EvolutionScheduler) -> list[CandidateRecord]:
 # ------------------------------------------------------------------ a round
 
 
-def test_round_persists_lineage_champions_and_events(client: hive.Client, llamas: TinySet) -> None:
+@pytest.fixture(scope="module")
+def round_run(client: hive.Client, llamas: TinySet) -> tuple[EvolutionScheduler, Any]:
+    """The module's shared run "round" (GA, seed 3), run once: the tests below read it, and the
+    rollback test changes its champions, in file order; each one also runs on its own."""
     sched = EvolutionScheduler.launch(_cfg(llamas), "round", client=client)
-    result = sched.run_round(progress=False)
+    return sched, sched.run_round(progress=False)
+
+
+def test_round_persists_lineage_champions_and_events(
+    client: hive.Client, llamas: TinySet, round_run: tuple[EvolutionScheduler, Any]
+) -> None:
+    sched, result = round_run
     rows = result.search
     assert len(rows) == 4 + 3 + 3  # GA: a population, then 3 children per generation (elitism 1)
     assert all(r.status == "ok" and r.tell_seq is not None for r in rows)
@@ -92,7 +101,9 @@ def test_round_persists_lineage_champions_and_events(client: hive.Client, llamas
         EvolutionScheduler.attach("nope", client=client)
 
 
-def test_gate_decisions_follow_the_rule(client: hive.Client, llamas: TinySet) -> None:
+def test_gate_decisions_follow_the_rule(
+    client: hive.Client, llamas: TinySet, round_run: Any
+) -> None:
     """Replay the stored tells through the gate: every verdict matches, both kinds occur."""
     sched = EvolutionScheduler.attach("round", client=client)
     result = sched.result()
@@ -124,7 +135,9 @@ def _distance_to(path: str, model: Any, tokenizer: Any) -> float:
     return -sum(float((live[k].float() - v.float()).norm()) for k, v in ref.items())
 
 
-def test_recheck_rolls_back_to_the_previous_champion(client: hive.Client, llamas: TinySet) -> None:
+def test_recheck_rolls_back_to_the_previous_champion(
+    client: hive.Client, llamas: TinySet, round_run: Any
+) -> None:
     sched = EvolutionScheduler.attach("round", client=client)
     with pytest.raises(RollbackError, match="no earlier good champion"):
         EvolutionScheduler.launch(_cfg(llamas, generations=1, population=2, strategy="random"),
@@ -279,7 +292,7 @@ def ray_address() -> str:
     return str(ray.get_runtime_context().gcs_address)
 
 
-def test_status_cli_and_plot_read_the_store(client: hive.Client) -> None:
+def test_status_cli_and_plot_read_the_store(client: hive.Client, round_run: Any) -> None:
     from typer.testing import CliRunner
 
     from evolution._cli import app
