@@ -32,6 +32,11 @@ Sections (each one dict in ``results``, with its ``config``):
    ``new_pages`` (after the merges): how fast this host hands out memory not touched lately —
    overwriting a cached file, writing a new file, filling a new anonymous mapping, each after
    3 s idle (a file merge's output is new page-cache memory; see docs/evolution.md).
+   ``--device cuda`` adds ``inplace_cuda_<method>``: the in-place merge on that GPU (whole
+   tensors, inputs cached on the GPU) against torch ``a + b`` on the same GPU, right before and
+   after each merge — the per-GPU figure; goal for linear and task_arithmetic >= 0.6 there too.
+   (``--device cpu`` runs the same section in the main process with torch's default threads on
+   both sides: a smoke check of that code path, not the single-thread figure above.)
 3. ``evaluator_efficiency``: E(N) = T1 / (N * TN) for the same M candidates submitted at once
    as ``evolution.evaluate`` hive tasks (Dispatcher, as the scheduler does) to N in {1, 2}
    Evaluator agents (default settings: one torch thread per reserved CPU) holding a tiny Llama;
@@ -55,6 +60,7 @@ Usage::
 
     python benchmarks/bench_evolution.py --quick      # ~100 MB checkpoints, < 5 minutes on 2 cores
     python benchmarks/bench_evolution.py              # ~500 MB checkpoints
+    python benchmarks/bench_evolution.py --device cuda --skip-evaluators   # + per-GPU in-place
 
 The exit code is 0 even when a goal is missed; it is 1 only if a section crashed.
 """
@@ -101,7 +107,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-# ---- 1: memory bandwidth ---------------------------------------------------------------------
+# ---- host: how fast new memory comes -------------------------------------------------------------
 
 def bench_new_pages(root: Path, rounds: int = 3, idle_s: float = 3.0) -> dict[str, Any]:
     """How fast this host gives a process memory it has not touched lately.
@@ -152,6 +158,8 @@ def bench_new_pages(root: Path, rounds: int = 3, idle_s: float = 3.0) -> dict[st
             **{f"{k}_gb_s": round(statistics.median(v), 3) for k, v in rows.items()},
             "reps_gb_s": {k: [round(x, 3) for x in v] for k, v in rows.items()}}
 
+
+# ---- 1: memory bandwidth ---------------------------------------------------------------------
 
 def bench_bandwidth(elements: int, reps: int) -> dict[str, Any]:
     import numpy as np
@@ -393,6 +401,64 @@ def bench_merge(method: str, paths: list[Path], out_root: Path, ckpt_bytes: int,
     return out
 
 
+# ---- 2b: the in-place merge on an accelerator ------------------------------------------------
+
+def bench_inplace_device(method: str, paths: list[Path], device: str, reps: int) -> dict[str, Any]:
+    """``ResidentModel.apply`` on ``device`` (a GPU: the per-GPU figure), against torch ``a + b``
+    on the same device measured right before and after each merge (fresh output, synchronised)."""
+    import torch
+
+    from evolution._inplace import ResidentModel
+    from evolution._recipe import MergeRecipe
+
+    base, ft1, ft2 = paths
+    recipe = MergeRecipe(**recipe_for(method, base, ft1, ft2))
+    dev = torch.device(device)
+    a = torch.rand(2**26, device=dev)
+    b = torch.rand(2**26, device=dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def bandwidth() -> float:
+        rates = []
+        for _ in range(5):
+            sync()
+            t0 = time.perf_counter()
+            c = a + b
+            sync()
+            rates.append(3 * a.nbytes / (time.perf_counter() - t0))
+            del c
+        return statistics.median(rates)
+
+    resident = ResidentModel(device)
+    log(f"in-place {method} on {device}: load, then {reps} merges")
+    resident.apply(recipe)  # loads the model and caches the inputs (not timed)
+    nbytes = sum(t.nbytes for t in resident._tensors.values()) + sum(
+        p.nbytes for p in resident._params.values() if p.is_floating_point())
+    reps_out = []
+    for _ in range(reps):
+        before = bandwidth()
+        seconds = resident.apply(recipe)
+        after = bandwidth()
+        reps_out.append((nbytes / seconds, (before + after) / 2, seconds))
+    del resident
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "section": f"inplace_{dev.type}_{method}",
+        "config": {"method": method, "device": str(dev), "reps": reps,
+                   "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                   "bytes_per_merge": nbytes,
+                   "bytes": "cached inputs read + floating parameters written, once per merge"},
+        "reps_gb_s": [round(r[0] / 1e9, 3) for r in reps_out],
+        "bandwidth_gb_s": [round(r[1] / 1e9, 3) for r in reps_out],
+        "seconds": [round(r[2], 4) for r in reps_out],
+        "vs_device_bandwidth": round(statistics.median(r[0] / r[1] for r in reps_out), 4),
+    }
+
+
 # ---- 3 + 4: evaluators on a local hive --------------------------------------------------------
 
 def _compute(model: Any, tokenizer: Any, iters: int) -> float:
@@ -562,6 +628,9 @@ def main() -> int:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--tmp", default=None, help="where checkpoints go (default: a temp dir)")
     parser.add_argument("--skip-evaluators", action="store_true", help="merge sections only")
+    parser.add_argument("--device", default=None,
+                        help="also time the in-place merge on this torch device (e.g. cuda: the per-GPU "
+                             "figures)")
     args = parser.parse_args()
     quick = args.quick
     host = host_info()
@@ -597,6 +666,12 @@ def main() -> int:
                             5 if quick else 3, bandwidth)
                 if r:
                     results.append(r)
+            if args.device:
+                for method in METHODS:
+                    r = section(f"inplace_{args.device}_{method}", bench_inplace_device, method, paths,
+                                args.device, 5 if quick else 3)
+                    if r:
+                        results.append(r)
             probe = section("new_pages", bench_new_pages, root)
             if probe:
                 results.append(probe)
@@ -625,6 +700,9 @@ def main() -> int:
         goal("task_arithmetic_inplace_vs_memory_bandwidth",
              get("merge_task_arithmetic", "inplace_vs_interleaved_bandwidth"), ">=", 0.6),
     ]
+    for sec in [r["section"] for r in results if r["section"].startswith("inplace_")]:
+        if sec.endswith(("_linear", "_task_arithmetic")):
+            goals.append(goal(f"{sec}_vs_device_bandwidth", get(sec, "vs_device_bandwidth"), ">=", 0.6))
     goals += [goal(f"{m}_peak_rss_growth_vs_checkpoint", get(f"merge_{m}", "peak_rss_growth_vs_checkpoint"), "<=", 0.5)
               for m in METHODS]
     goals += [
