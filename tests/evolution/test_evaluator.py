@@ -72,6 +72,24 @@ def test_every_method_merges_in_place_in_pieces_bit_for_bit(
         assert torch.equal(live[name], tensor.to(torch.float32)), name  # ... rounded to fp16
 
 
+def test_a_parameter_the_merge_cannot_write_into_is_merged_then_copied(
+    llamas: TinySet, tmp_path: Path
+) -> None:
+    """A non-contiguous parameter (here a square weight stored transposed) takes the
+    merge-then-copy path and still ends with the streaming merge's values."""
+    recipe = make_recipe(llamas, "ties")
+    resident = ResidentModel("cpu")
+    resident.apply(recipe)
+    name, param = next((k, p) for k, p in resident.model.named_parameters()
+                       if p.dim() == 2 and p.shape[0] == p.shape[1])  # fmt: skip
+    param.data = torch.empty_like(param).t().contiguous().t()  # same shape, not contiguous
+    assert not param.is_contiguous()
+    resident._params[name] = param
+    resident.apply(recipe)
+    written = load_weights(Path(merge(recipe, tmp_path / "out", progress=False).path))
+    assert torch.equal(resident.model.state_dict()[name], written[name])
+
+
 def test_scores_every_task_and_reports_timings(llamas: TinySet) -> None:
     layout = _layout(llamas)
     request = EvaluationRequest(candidate_id="c1", recipe=layout.to_recipe([0.5, 0.5]),
