@@ -40,13 +40,13 @@ from typing import Any
 import torch
 
 from evolution._exceptions import MergeError, NonFiniteError
-from evolution._merge import all_finite
+from evolution._merge import _PIECE_ELEMENTS, all_finite
 from evolution._merge_plan import PlanStep, check_architectures, open_inputs, plan_merge
 from evolution._recipe import MergeRecipe
 
 __all__ = ["ResidentModel"]
 
-_CPU_PIECE = 1024**2  # elements merged at a time on the CPU (as the streaming merge): 4 MiB
+_CPU_PIECE = _PIECE_ELEMENTS  # elements merged at a time on the CPU, as the streaming merge
 
 
 def _piece(device: torch.device) -> int | None:

@@ -85,6 +85,7 @@ from evolution._merge_plan import (
 from evolution._recipe import MergeRecipe
 from evolution._tensor_reader import INDEX_FILE
 from evolution._tensor_writer import ShardedWriter
+from evolution.merge_methods._base import piece_length
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "RECIPE_FILE", "MergeResult", "all_finite", "merge"]
 
@@ -332,10 +333,7 @@ class _MergeLoop:
         numel = math.prod(step.out.shape)
         params = self.recipe.params_for(step.name)
         merger = self.method.start(step.name, step.out.shape, _PIECE_ELEMENTS, params)
-        piece = numel if merger.whole else min(numel, _PIECE_ELEMENTS)
-        if piece < numel:
-            piece = max(merger.granule, piece // merger.granule * merger.granule)
-        piece = max(piece, 1)
+        piece = piece_length(merger, numel, _PIECE_ELEMENTS)
         inputs = self._inputs(step)
         starts = range(0, numel, piece) if numel else [0]
         for pass_index in range(merger.passes):

@@ -36,7 +36,8 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["TILE", "WIDE_TILE", "MergeMethod", "MergeParams", "OptionValue", "PieceMerger", "tiles"]
+__all__ = ["TILE", "WIDE_TILE", "MergeMethod", "MergeParams", "OptionValue", "PieceMerger", "piece_length",
+           "tiles"]
 
 OptionValue = float | bool  # a global method option: a number (lambda, t) or a switch (normalize)
 TILE = 1 << 16  # elements per CPU tile (256 KiB of float32 per operand)
@@ -144,6 +145,15 @@ class PieceMerger(ABC):
         out: torch.Tensor,
     ) -> None:
         """Write the merged elements ``first .. first + out.numel()`` into ``out`` (float32)."""
+
+
+def piece_length(merger: PieceMerger, numel: int, wanted: int) -> int:
+    """Elements per piece for a tensor of ``numel`` elements fed to ``merger``: ``wanted``
+    rounded down to the merger's granule, or the whole tensor (at least 1) when the merger
+    needs it whole or it is no larger than ``wanted``."""
+    if merger.whole or wanted >= numel:
+        return max(numel, 1)
+    return max(merger.granule, wanted // merger.granule * merger.granule)
 
 
 class _WholeTensor(PieceMerger):
@@ -294,12 +304,9 @@ class MergeMethod(ABC):
                 check it or round it to another dtype in place; an exception stops the merge.
         """
         numel = tensors[0].numel()
-        piece = numel if piece is None else min(piece, numel)
-        merger = self.start(name, tuple(tensors[0].shape), max(piece, 1), params)
-        if merger.whole or piece >= numel:
-            piece = max(numel, 1)
-        else:
-            piece = max(merger.granule, piece // merger.granule * merger.granule)
+        wanted = numel if piece is None else min(piece, numel)
+        merger = self.start(name, tuple(tensors[0].shape), max(wanted, 1), params)
+        piece = piece_length(merger, numel, wanted)
         flat_base = None if base is None else base.reshape(-1)
         flats = [t.reshape(-1) for t in tensors]
         flat_out = out.view(-1)
