@@ -8,7 +8,9 @@ A, stage 0 already works on group B.
 
 Every token a group has been fed is kept (``history``): when a stage dies, the scheduler waits
 for its replacement and replays each unfinished group's history as one prefill, which rebuilds
-every stage's cache; generation then continues where it stopped.
+every stage's cache; generation then continues where it stopped. A replay is marked ``fresh``:
+each stage drops what the slot held before running it, whatever order the earlier drop and any
+stale step of that slot reach the stage in.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _submit(transport: Transport, g: _Group, sampling: SamplingParams, replay: b
     new = g.history.shape[1] - start
     spec = SampleSpec(sampling, g.seeds, tuple(len(gen) for gen in g.generated))  # the last stage picks
     step = StepInput(slot=g.slot, input_ids=g.history[:, start:], attention_mask=g.mask,
-                     position_ids=position_ids_from_mask(g.mask, new), sample=spec)
+                     position_ids=position_ids_from_mask(g.mask, new), sample=spec, fresh=replay)
     g.pending = transport.submit(step)
     g.fed = g.history.shape[1]
 

@@ -201,6 +201,7 @@ class StageCompute:
         position_ids: torch.Tensor,
         *,
         last_only: bool = False,
+        fresh: bool = False,
     ) -> torch.Tensor:
         """Run ``T`` new positions of micro-batch ``slot``; its cache grows by ``T``.
 
@@ -210,15 +211,21 @@ class StageCompute:
             attention_mask: ``[B, past + T]``, 1 = real token, 0 = left padding.
             position_ids: ``[B, T]`` (see ``position_ids_from_mask``).
             last_only: last stage: logits of the final position only. Ignored by other stages.
+            fresh: drop whatever ``slot`` holds first. A replay after a stage loss sends the
+                whole history this way, so it does not depend on an earlier ``drop_slot``
+                reaching this stage before it.
 
         Returns:
             Hidden states ``[B, T, H]`` in ``dtype``; the last stage returns float32 logits
             ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``).
 
         Raises:
-            StageError: shapes disagree with each other or with the slot (nothing changes), or
+            StageError: shapes disagree with each other or with the slot (nothing changes but a
+                ``fresh`` drop), or
                 the computation failed (the slot is dropped: re-prefill it).
         """
+        if fresh:
+            self.drop_slot(slot)
         self._check(slot, x, attention_mask, position_ids)
         cache = self._slots.get(slot)
         if cache is None:

@@ -51,7 +51,8 @@ class StageActor(hive.Agent):
         self.load_s = time.perf_counter() - t0
 
     @ray.method(concurrency_group="compute")
-    def forward(self, slot: str, x: Any, attention_mask: Any, position_ids: Any, sample: Any = None) -> Any:
+    def forward(self, slot: str, x: Any, attention_mask: Any, position_ids: Any, sample: Any = None,
+                fresh: bool = False) -> Any:
         """Run this stage's layers for one step of one micro-batch (hidden states out; the last
         stage returns logits, or with a ``SampleSpec`` only the picked token ids).
 
@@ -61,7 +62,7 @@ class StageActor(hive.Agent):
 
         t0 = time.perf_counter()
         out = self.compute.forward(slot, from_wire(x), from_wire(attention_mask), from_wire(position_ids),
-                                   last_only=self.compute.is_last)
+                                   last_only=self.compute.is_last, fresh=fresh)
         if sample is not None and self.compute.is_last:
             out = pick_tokens(out, sample)
         wire = to_wire(out)

@@ -44,6 +44,7 @@ class StepInput:
     attention_mask: torch.Tensor  # [B, past + T], 1 = real token, 0 = padding
     position_ids: torch.Tensor  # [B, T]
     sample: SampleSpec | None = None  # the last stage picks tokens ([B]) instead of returning logits
+    fresh: bool = False  # every stage starts the slot afresh (a replay: the whole history)
 
 
 @dataclass
@@ -88,7 +89,8 @@ class Transport(ABC):
 
 
 def _run_stage(stage: Any, step: StepInput, x: torch.Tensor) -> torch.Tensor:
-    out = stage.forward(step.slot, x, step.attention_mask, step.position_ids, last_only=stage.is_last)
+    out = stage.forward(step.slot, x, step.attention_mask, step.position_ids, last_only=stage.is_last,
+                        fresh=step.fresh)
     return pick_tokens(out, step.sample) if stage.is_last and step.sample is not None else out
 
 
@@ -210,7 +212,7 @@ class RayTransport(Transport):
         x: Any = to_wire(step.input_ids)
         mask, pos = to_wire(step.attention_mask), to_wire(step.position_ids)
         for handle in self.handles:
-            x = handle.forward.remote(step.slot, x, mask, pos, step.sample)
+            x = handle.forward.remote(step.slot, x, mask, pos, step.sample, step.fresh)
         return x
 
     def wait(self, handles: list[Any], timeout: float | None = None) -> list[Any]:

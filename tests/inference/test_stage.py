@@ -163,6 +163,20 @@ def test_bad_inputs_raise_stage_error_and_keep_the_slot(tiny_llama: Path) -> Non
         )
 
 
+def test_a_fresh_step_restarts_a_slot_that_still_holds_positions(tiny_llama: Path) -> None:
+    """A replay after a stage loss carries the whole history with ``fresh``: a stage that still
+    holds the slot (its drop not yet arrived) restarts it instead of refusing the step."""
+    stage = StageCompute(tiny_llama, 0, 4)
+    ids = torch.tensor(prompts([6], seed=3))
+    mask = torch.ones_like(ids)
+    pos = position_ids_from_mask(mask, 6)
+    want = stage.forward("s", ids, mask, pos)
+    with pytest.raises(StageError, match="slot has 6 cached positions"):
+        stage.forward("s", ids, mask, pos)  # the same prefill again, not fresh
+    got = stage.forward("s", ids, mask, pos, fresh=True)
+    assert stage.slot_length("s") == 6 and torch.equal(got, want)
+
+
 def test_bad_layer_ranges(tiny_llama: Path) -> None:
     for start, end in [(2, 2), (3, 1), (-1, 2), (0, 5)]:
         with pytest.raises(PlanError, match="bad layer range"):
